@@ -1,0 +1,5 @@
+import sys
+from pathlib import Path
+
+# Tests import their helpers as a module; the packages themselves come from the install.
+sys.path.insert(0, str(Path(__file__).parent))
