@@ -1,4 +1,4 @@
-"""Command line of the data plane: ``python -m shards {ingest,synth,verify,inspect}``."""
+"""Command line of the data plane: ``python -m shards {ingest,synth,enhance,verify,inspect}``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--lesion-contrast", type=float, help="lesion contrast multiplier")
     _common(syn)
     syn.add_argument("args", nargs="*", metavar="key=value", help="config overrides")
+    enh = sub.add_parser("enhance", help="super-resolve a shard set with a trained SR model")
+    enh.add_argument("--checkpoint", required=True, help="SR run dir or checkpoint")
+    enh.add_argument("--out", required=True, help="output folder of the SR shard set")
+    enh.add_argument("--batch-size", type=int, default=16)
+    enh.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    enh.add_argument("input", help="the shard set to enhance (path or URL)")
     ver = sub.add_parser("verify", help="check shard checksums and counts")
     ver.add_argument("root")
     ins = sub.add_parser("inspect", help="counts per split/class/status and a contact sheet")
@@ -107,12 +113,32 @@ def _run_ingest(args: argparse.Namespace, synth: bool) -> int:
     return 0
 
 
+def _run_enhance(args: argparse.Namespace) -> int:
+    # The SR model lives in the trainer; only this command needs it, so import it here.
+    import dataclasses
+
+    from shards.enhance import EnhanceSpec, enhance
+    from trainer.distributed import init_distributed
+    from trainer.sr_task import load_sr_checkpoint
+
+    info = init_distributed(args.device)
+    model, cfg, model_id = load_sr_checkpoint(args.checkpoint, info.device)
+    degrade = dataclasses.replace(cfg.data.degrade, scale=cfg.sr.scale, random_scale=None)
+    spec = EnhanceSpec(degrade, cfg.train.seed, model_id, args.batch_size)
+    index = enhance(args.input, args.out, model, spec, info.device, info.rank, info.world_size)
+    if index is not None:
+        print(f"SR shard set: {args.out} ({len(index.shards)} shards, from {model_id})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = _parser().parse_args(argv)
     try:
         if args.command in ("ingest", "synth"):
             return _run_ingest(args, synth=args.command == "synth")
+        if args.command == "enhance":
+            return _run_enhance(args)
         if args.command == "verify":
             from shards.verify import verify
 

@@ -37,30 +37,16 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
+from shards.degrade import sample_seed
 from shards.format import DatasetIndex, ShardInfo, decode_image, join_url, read_index
 
-__all__ = ["ShardLoader", "create_loader", "sample_seed"]
+__all__ = ["ShardLoader", "create_loader", "iter_shard"]
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 _STATE_CHECKS = ("seed", "world_size", "num_workers", "batch_size", "mode", "split")
 _WANTED = frozenset({"npy", "cls"})
 _INV_U16 = np.float32(1.0 / 65535.0)
 _ZERO_BLOCK = bytes(512)
-
-
-def sample_seed(seed: int, epoch: int, key: str) -> int:
-    """The per-sample seed every random draw of one sample derives from.
-
-    Args:
-        seed: Run seed.
-        epoch: Epoch (-1 in eval mode, so evaluation draws are fixed).
-        key: Sample key.
-
-    Returns:
-        A non-negative 63-bit integer, identical on every machine and process.
-    """
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def _rng(*parts: int) -> np.random.Generator:
@@ -154,8 +140,15 @@ def _pax_records(data: bytes) -> dict[bytes, bytes]:
     return out
 
 
-def _iter_shard(url: str, skip: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_shard(
+    url: str, skip: int = 0, suffixes: frozenset[str] = _WANTED
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {suffix: bytes})`` of one shard's samples after the first ``skip``.
+
+    Args:
+        url: Local path or http(s) URL of a tar shard.
+        skip: Samples to pass over without reading their data.
+        suffixes: Which members of each sample to return (default ``npy`` and ``cls``).
 
     Skipped samples are never read into memory: the selection predicate counts keys as the
     tar stream passes and rejects their members before their data is read.
@@ -167,7 +160,7 @@ def _iter_shard(url: str, skip: int) -> Iterator[tuple[str, dict[str, bytes]]]:
         if key != seen[1]:
             seen[0] += 1
             seen[1] = key
-        return seen[0] > skip and suffix in _WANTED
+        return seen[0] > skip and suffix in suffixes
 
     try:
         stream = wds.gopen(url, "rb")
@@ -281,7 +274,7 @@ class _PlanDataset(IterableDataset):
 
     def _read_shard(self, shard: ShardInfo, skip: int, take: int) -> Iterator[tuple]:
         urls = [join_url(root, shard.name) for root in self.roots]
-        streams = [_iter_shard(url, skip) for url in urls]
+        streams = [iter_shard(url, skip) for url in urls]
         try:
             for n in range(take):
                 got = [next(s, None) for s in streams]

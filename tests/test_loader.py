@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 from helpers import make_shard_set, run_distributed
 
+from shards.degrade import sample_seed
 from shards.format import decode_image
-from shards.loader import ShardLoader, create_loader, sample_seed
+from shards.loader import ShardLoader, create_loader
 
 TRAIN = [7, 2, 12]  # uneven on purpose: 21 samples
 VAL = [5, 2]
