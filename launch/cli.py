@@ -1,7 +1,8 @@
 """The ``srmri`` console script: one front door to the four packages.
 
 ``srmri shards ...``, ``srmri trainer ...``, ``srmri tune ...`` and ``srmri launch ...`` are
-the same as ``python -m NAME ...``; ``srmri quickstart`` runs the README's main job.
+the same as ``python -m NAME ...``; ``srmri pipeline`` runs the whole experiment and
+``srmri quickstart`` the README's main job.
 """
 
 from __future__ import annotations
@@ -9,36 +10,35 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main", "quickstart"]
 
-PACKAGES = ("shards", "trainer", "tune", "launch")
-USAGE = """usage: srmri {shards,trainer,tune,launch,quickstart} ...
+# Command -> the module whose ``main(argv)`` is ``python -m NAME``: an explicit table.
+COMMANDS = {
+    "shards": "shards.cli",
+    "trainer": "trainer.__main__",
+    "tune": "tune.cli",
+    "launch": "launch.commands",
+    "pipeline": "trainer.pipeline",
+}
+USAGE = """usage: srmri {pipeline,shards,trainer,tune,launch,quickstart} ...
 
+  pipeline    the paper's experiment end to end: data, SR, enhance, classifiers, report
   shards      preprocess scans into WebDataset shards (python -m shards)
   trainer     train, evaluate, predict, export (python -m trainer)
   tune        Ray Tune hyperparameter searches (python -m tune)
   launch      submit runs to torchrun, DeepSpeed, Slurm or Ray (python -m launch)
-  quickstart  the README's main job on the built-in synthetic data
+  quickstart  the README's main job: `pipeline --config configs/quickstart.yaml`
 """
 
 
-def quickstart(out: str = "runs/quickstart") -> int:
-    """Synthesize a small built-in data set, verify it and inspect it."""
-    from shards.cli import main as shards_main
+def quickstart() -> int:
+    """The README's main job: the whole pipeline on the built-in synthetic data."""
+    from trainer.pipeline import main as pipeline_main
 
-    data = f"{out}/data"
-    steps = [
-        ["synth", "--out", data, "--n", "240", "--size", "128", "--seed", "0"],
-        ["verify", data],
-        ["inspect", data],
-    ]
-    for step in steps:
-        print(f"\n$ python -m shards {' '.join(step)}", flush=True)
-        status = shards_main(step)
-        if status:
-            return status
-    return 0
+    config = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+    return pipeline_main(["--config", str(config)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,10 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "quickstart":
         return quickstart()
-    if command not in PACKAGES:
+    if command not in COMMANDS:
         print(f"srmri: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"{command}.cli")
+    module = importlib.import_module(COMMANDS[command])
     return int(module.main(rest) or 0)
 
 

@@ -80,7 +80,6 @@ class IngestConfig:
     secret_file: str = ""
 
     def check(self) -> None:
-        require(bool(self.out), "out", "an output folder is required (--out)")
         require(
             self.source == "synth" or bool(self.input),
             "input",
@@ -283,6 +282,7 @@ def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> IngestResul
     Returns:
         The finished set's index and manifest rows.
     """
+    require(bool(cfg.out), "out", "an output folder is required (--out)")
     out = Path(cfg.out)
     items = _list_items(cfg)
     if not items:
