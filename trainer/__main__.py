@@ -1,0 +1,134 @@
+"""Command line: ``python -m trainer {fit,evaluate,predict,export} ...``.
+
+Works as one process, under ``torchrun --nproc_per_node N -m trainer ...`` and under the
+``deepspeed`` launcher (``deepspeed --module trainer ...``), whose ``--local_rank=N`` argument is
+accepted anywhere and ignored: the rank comes from the environment the launcher sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from shards.config import ConfigError
+
+__all__ = ["main"]
+
+
+def _strip_local_rank(argv: Sequence[str]) -> list[str]:
+    """Drop ``--local_rank N`` / ``--local-rank=N`` (legacy launchers pass it; env has it)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--local_rank", "--local-rank"):
+            skip = True
+            continue
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        out.append(arg)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="train one run from a YAML config plus overrides")
+    fit.add_argument("--config", type=Path, help="YAML config (a saved config.yaml works)")
+    fit.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. optim.lr=3e-4")
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint on one split")
+    ev.add_argument("--checkpoint", required=True, type=Path)
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--out", type=Path, default=None, help="output folder")
+    ev.add_argument("overrides", nargs="*", help="dotted.key=value changes, e.g. data.root=...")
+    pr = sub.add_parser("predict", help="classify image files, folders, NIfTI or DICOM")
+    pr.add_argument("--checkpoint", required=True, type=Path)
+    pr.add_argument("--out", required=True, type=Path, help="output CSV")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--max-slices", type=int, default=None)
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("paths", nargs="+", type=Path)
+    ex = sub.add_parser("export", help="write a plain fp32 .safetensors + .json sidecar")
+    ex.add_argument("--checkpoint", required=True, type=Path)
+    ex.add_argument("--out", required=True, type=Path)
+    ex.add_argument("--no-ema", action="store_true", help="export raw weights, not the EMA")
+    return parser
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import torch
+
+    from shards.config import config_from_dict
+    from shards.degrade import degrade, upsample_to
+    from shards.format import read_index
+    from shards.preprocess import PreprocessConfig
+    from trainer.checkpoint import resolve_checkpoint
+    from trainer.export import checkpoint_config, load_fp32_weights
+    from trainer.factories import create_model
+    from trainer.predict import predict_paths, write_predictions_csv
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    cfg = checkpoint_config(ckpt)
+    if cfg.data.inputs in ("sr", "lr+sr"):
+        raise ValueError(
+            f"{ckpt.path}: model was trained on SR-enhanced inputs; enhance the images with the "
+            "SR model first (predict applies only the ingest preprocessing and hr/lr inputs)"
+        )
+    index = read_index(cfg.data.root)
+    prep = index.config.get("preprocess") if isinstance(index.config, dict) else None
+    pre_cfg = config_from_dict(PreprocessConfig, prep or {"size": index.image_size})
+    model = create_model(cfg.model.name, len(ckpt.classes))
+    model.load_state_dict(load_fp32_weights(ckpt))
+    model.to(args.device)
+    transform = None
+    if cfg.data.inputs == "lr":
+        d = cfg.data
+
+        def transform(x: torch.Tensor) -> torch.Tensor:
+            small, _ = degrade(x, d.degrade, torch.Generator().manual_seed(cfg.train.seed))
+            return upsample_to(small, (x.shape[-2], x.shape[-1]), d.upsample)
+
+    rows = predict_paths(
+        model, args.paths, ckpt.classes, pre_cfg, args.device, args.batch_size, transform,
+        args.max_slices,
+    )  # fmt: skip
+    write_predictions_csv(rows, args.out)
+    print(f"wrote {len(rows)} rows to {args.out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one sub-command; returns the exit status (2 on a configuration or input error)."""
+    args = _parser().parse_args(_strip_local_rank(sys.argv[1:] if argv is None else argv))
+    from trainer.distributed import cleanup
+
+    try:
+        if args.command == "fit":
+            from trainer.config import load_train_config
+            from trainer.loop import fit
+
+            fit(load_train_config(args.config, args.overrides))
+        elif args.command == "evaluate":
+            from trainer.loop import evaluate
+
+            evaluate(args.checkpoint, args.split, args.out, tuple(args.overrides))
+        elif args.command == "export":
+            from trainer.export import export_checkpoint
+
+            out = export_checkpoint(args.checkpoint, args.out, use_ema=not args.no_ema)
+            print(f"wrote {out} and {out.with_suffix('.json')}")
+        else:
+            _predict(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

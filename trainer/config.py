@@ -1,0 +1,330 @@
+"""The trainer's typed configuration tree, loaded from YAML plus ``dotted.key=value`` overrides.
+
+One :class:`TrainConfig` describes a whole run. It is loaded with
+:func:`shards.config.load_config`, checked section by section (each ``check()`` names the key it
+rejects), printed at start and saved as ``config.yaml`` in the run directory; that file loads back
+unchanged, so a Ray Tune trial or a "best config" is just a YAML file or a set of overrides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from shards.config import config_hash, load_config, require
+from shards.degrade import DegradeConfig
+from trainer.augment import AugmentConfig
+from trainer.srnet import SRConfig
+
+__all__ = [
+    "BackendConfig",
+    "CheckpointConfig",
+    "DataConfig",
+    "EarlyStopConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SchedConfig",
+    "TrainConfig",
+    "TrainSection",
+    "load_train_config",
+    "run_dir_of",
+]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and which input the model sees.
+
+    Attributes:
+        root: Shard set (local folder or http(s) URL) with ``index.json``.
+        inputs: ``hr`` stored image; ``lr`` degraded then upsampled back; ``sr`` the aligned
+            image of ``sr_root``; ``lr+sr`` both, as separate training samples (SR at eval).
+        sr_root: Shard set written by ``shards enhance``, aligned by key (``sr``/``lr+sr``).
+        degrade: The degradation making the ``lr`` input (and the SR task's LR input).
+        upsample: How the ``lr`` input goes back to the stored size.
+        batch_size: Training samples per rank per micro-step.
+        eval_batch_size: Validation samples per rank per step; 0 means ``batch_size``.
+        num_workers: DataLoader workers per rank.
+        train_split: Split trained on.
+        val_split: Split validated on each epoch.
+        shuffle_chunk: Shuffle buffer of the loader, in samples.
+    """
+
+    root: str = ""
+    inputs: Literal["hr", "lr", "sr", "lr+sr"] = "hr"
+    sr_root: str = ""
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)
+    upsample: Literal["bicubic", "zero_fill"] = "bicubic"
+    batch_size: int = 32
+    eval_batch_size: int = 0
+    num_workers: int = 2
+    train_split: str = "train"
+    val_split: str = "val"
+    shuffle_chunk: int = 256
+
+    def check(self) -> None:
+        require(bool(self.root), "data.root", "set the shard set to train on (data.root=PATH)")
+        require(
+            self.inputs not in ("sr", "lr+sr") or bool(self.sr_root),
+            "data.sr_root",
+            f"inputs={self.inputs} needs the enhanced shard set (data.sr_root=PATH)",
+        )
+        require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.eval_batch_size >= 0, "data.eval_batch_size", "must be >= 0 (0: batch_size)")
+        require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        require(self.shuffle_chunk >= 1, "data.shuffle_chunk", "must be >= 1")
+
+    @property
+    def eval_batch(self) -> int:
+        """The validation batch size actually used."""
+        return self.eval_batch_size or self.batch_size
+
+
+@dataclass
+class ModelConfig:
+    """The network: any timm model by name, one input channel, classes from the shard set.
+
+    Attributes:
+        name: timm model name (``resnet50`` by default).
+        pretrained_path: Optional local file of (3-channel ImageNet) weights; never downloaded.
+        drop_rate: Dropout before the classifier.
+        channels_last: Use the channels-last memory format (faster convolutions on GPU).
+        compile: Wrap the model in ``torch.compile``.
+    """
+
+    name: str = "resnet50"
+    pretrained_path: str | None = None
+    drop_rate: float = 0.0
+    channels_last: bool = False
+    compile: bool = False
+
+    def check(self) -> None:
+        require(bool(self.name), "model.name", "must name a model, e.g. resnet50")
+        require(0.0 <= self.drop_rate < 1.0, "model.drop_rate", "must be in [0, 1)")
+        require(
+            self.pretrained_path is None or bool(self.pretrained_path),
+            "model.pretrained_path",
+            "must be a file path or null",
+        )
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer. ``betas`` apply to adam/adamw; ``momentum``/``nesterov`` to sgd."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def check(self) -> None:
+        require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        require(0 <= self.momentum < 1, "optim.momentum", "must be in [0, 1)")
+        require(all(0 <= b < 1 for b in self.betas), "optim.betas", "each must be in [0, 1)")
+
+
+@dataclass
+class SchedConfig:
+    """Learning-rate schedule, stepped per optimizer step, with a linear warmup.
+
+    Attributes:
+        name: cosine (to ``min_lr``), step (``gamma`` every ``step_epochs``), onecycle, plateau
+            (``factor`` after ``patience`` epochs without validation improvement), constant.
+        warmup_epochs: Linear warmup length (fractions allowed).
+        warmup_lr: Learning rate at the start of the warmup.
+        min_lr: Floor of cosine/onecycle/plateau.
+    """
+
+    name: Literal["cosine", "step", "onecycle", "plateau", "constant"] = "cosine"
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 0.0
+    step_epochs: int = 30
+    gamma: float = 0.1
+    patience: int = 5
+    factor: float = 0.1
+
+    def check(self) -> None:
+        require(self.warmup_epochs >= 0, "sched.warmup_epochs", "must be >= 0")
+        require(self.warmup_lr >= 0, "sched.warmup_lr", "must be >= 0")
+        require(self.min_lr >= 0, "sched.min_lr", "must be >= 0")
+        require(self.step_epochs >= 1, "sched.step_epochs", "must be >= 1")
+        require(0 < self.gamma <= 1, "sched.gamma", "must be in (0, 1]")
+        require(self.patience >= 0, "sched.patience", "must be >= 0")
+        require(0 < self.factor < 1, "sched.factor", "must be in (0, 1)")
+
+
+@dataclass
+class EarlyStopConfig:
+    """Stop when ``metric`` has not improved for ``patience`` epochs (0 disables).
+
+    ``metric`` empty means the task's own "best" metric (balanced accuracy for classify).
+    """
+
+    metric: str = ""
+    mode: Literal["max", "min"] = "max"
+    patience: int = 0
+
+    def check(self) -> None:
+        require(self.patience >= 0, "train.early_stop.patience", "must be >= 0 (0: off)")
+
+
+@dataclass
+class TrainSection:
+    """How long and how to train.
+
+    Attributes:
+        epochs: Number of epochs.
+        max_steps_per_epoch: Cap on micro-steps per epoch (debugging, tuning), or None.
+        grad_accum: Micro-steps per optimizer step.
+        clip_grad: Gradient-norm clipping (0: off).
+        precision: fp32, bf16 autocast, or fp16 autocast with a grad scaler.
+        seed: Seed of model init, shuffling, augmentation and degradation.
+        deterministic: Use deterministic algorithms (bitwise resume on CPU).
+        device: auto (CUDA when present), cpu or cuda.
+        early_stop: Early stopping.
+        ema_decay: Keep an EMA of the weights with this decay and validate it; None: off.
+        log_every: Log train loss every N optimizer steps.
+        resume: ``auto`` (the run dir's last checkpoint if any), ``never``, or a checkpoint path.
+    """
+
+    epochs: int = 30
+    max_steps_per_epoch: int | None = None
+    grad_accum: int = 1
+    clip_grad: float = 0.0
+    precision: Precision = "fp32"
+    seed: int = 0
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    ema_decay: float | None = None
+    log_every: int = 20
+    resume: str = "auto"
+
+    def check(self) -> None:
+        require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        require(
+            self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+            "train.max_steps_per_epoch",
+            "must be >= 1 or null",
+        )
+        require(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        require(self.clip_grad >= 0, "train.clip_grad", "must be >= 0 (0: off)")
+        require(
+            self.ema_decay is None or 0 < self.ema_decay < 1,
+            "train.ema_decay",
+            "must be in (0, 1) or null",
+        )
+        require(self.log_every >= 1, "train.log_every", "must be >= 1")
+        require(bool(self.resume), "train.resume", "auto, never or a checkpoint path")
+
+
+@dataclass
+class BackendConfig:
+    """Distributed backend: torch DDP or DeepSpeed (ZeRO stage 0, 1 or 2).
+
+    Attributes:
+        name: ddp or deepspeed.
+        zero_stage: DeepSpeed ZeRO stage.
+        overlap_comm: DeepSpeed: overlap gradient reduction with backward.
+        bucket_size: DeepSpeed reduce/allgather bucket size in elements.
+        find_unused_parameters: DDP: allow parameters without gradients.
+    """
+
+    name: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = 0
+    overlap_comm: bool = False
+    bucket_size: int = 200_000_000
+    find_unused_parameters: bool = False
+
+    def check(self) -> None:
+        require(self.zero_stage in (0, 1, 2), "backend.zero_stage", "must be 0, 1 or 2")
+        require(self.bucket_size >= 1, "backend.bucket_size", "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    """Which checkpoints are written and kept.
+
+    Attributes:
+        keep_last: Newest checkpoints kept (>= 1, resume needs one).
+        keep_best: Best-by-validation checkpoints kept (0: none).
+        save_every_steps: Also save every N optimizer steps (mid-epoch), or None.
+    """
+
+    keep_last: int = 2
+    keep_best: int = 1
+    save_every_steps: int | None = None
+
+    def check(self) -> None:
+        require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        require(self.keep_best >= 0, "checkpoint.keep_best", "must be >= 0")
+        require(
+            self.save_every_steps is None or self.save_every_steps >= 1,
+            "checkpoint.save_every_steps",
+            "must be >= 1 or null",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """One training run.
+
+    Attributes:
+        task: classify or sr (the ``sr`` section configures the SR network and patches).
+        out_dir: Parent folder of run directories.
+        name: Run directory name; empty means ``{task}-{hash of the config}``, so re-running the
+            same config resumes the same run.
+    """
+
+    task: Literal["classify", "sr"] = "classify"
+    out_dir: str = "runs"
+    name: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    sr: SRConfig = field(default_factory=SRConfig)
+
+    def check(self) -> None:
+        require(bool(self.out_dir), "out_dir", "must be a folder")
+        require("/" not in self.name, "name", "must be a plain folder name")
+        require(
+            self.backend.name == "deepspeed" or self.backend.zero_stage == 0,
+            "backend.zero_stage",
+            "ZeRO stages need backend.name=deepspeed",
+        )
+
+
+def run_dir_of(cfg: TrainConfig) -> Path:
+    """The run directory: ``out_dir/name``, the name defaulting to a hash of the config."""
+    name = cfg.name or f"{cfg.task}-{config_hash(cfg, exclude=('out_dir', 'name'))[:10]}"
+    return Path(cfg.out_dir) / name
+
+
+def load_train_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
+    """Load and check a :class:`TrainConfig` from a YAML file and overrides.
+
+    Args:
+        path: YAML file (a saved ``config.yaml`` works as is) or None for defaults.
+        overrides: ``dotted.key=value`` strings.
+
+    Returns:
+        The checked config.
+
+    Raises:
+        shards.config.ConfigError: Naming the file and key on any invalid input.
+    """
+    return load_config(TrainConfig, path, overrides)

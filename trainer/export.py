@@ -1,0 +1,137 @@
+"""Export a checkpoint as a plain fp32 state dict that bare timm loads, whatever trained it.
+
+The output is ``model.safetensors`` (``timm.create_model(name, in_chans=1, num_classes=C)``
+then ``load_state_dict``) plus ``model.json`` beside it (model name, classes, input size and
+kind). Weights come from, in order of preference: the EMA (when the run kept one, since that is
+what was validated), DeepSpeed's fp32 master weights consolidated with ``zero_to_fp32`` (exact
+under bf16/fp16 and ZeRO 1/2), or the checkpoint's ``module.pt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from shards.config import config_from_dict
+from trainer.backend import MODULE_FILE
+from trainer.checkpoint import TRAINER_FILE, CheckpointInfo, resolve_checkpoint
+from trainer.config import TrainConfig
+
+__all__ = ["checkpoint_config", "export_checkpoint", "load_fp32_weights"]
+
+
+def checkpoint_config(ckpt: CheckpointInfo) -> TrainConfig:
+    """The run config saved inside a checkpoint directory.
+
+    Raises:
+        FileNotFoundError: If the checkpoint has no config.yaml.
+        shards.config.ConfigError: If it is invalid.
+    """
+    path = ckpt.path / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint has no config.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+    return config_from_dict(TrainConfig, data)
+
+
+def _torch_file(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: corrupt checkpoint file ({type(exc).__name__}: {exc})") from exc
+
+
+def _from_deepspeed(ckpt: CheckpointInfo) -> dict[str, torch.Tensor] | None:
+    """fp32 master weights of a DeepSpeed ZeRO checkpoint, or None when there are none."""
+    if not (ckpt.path / "deepspeed").is_dir():
+        return None
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints per-tensor progress
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path), tag="deepspeed")
+    except (FileNotFoundError, ValueError, KeyError):
+        return None  # stage 0 in fp32 keeps no separate master copy; module.pt is exact
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def load_fp32_weights(ckpt: CheckpointInfo, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The model's fp32 state dict from a checkpoint (see the module docstring for the source).
+
+    Args:
+        ckpt: The checkpoint.
+        use_ema: Prefer the EMA weights when the run kept an EMA.
+
+    Returns:
+        A state dict of contiguous fp32 CPU tensors, keys as in the bare timm model.
+
+    Raises:
+        FileNotFoundError: Naming the missing file.
+        ValueError: Naming the corrupt file.
+    """
+    if use_ema:
+        saved = _torch_file(ckpt.path / TRAINER_FILE)
+        ema = saved.get("ema") if isinstance(saved, dict) else None
+        if ema:
+            return {k.removeprefix("module."): v.float().contiguous() for k, v in ema.items()}
+    state = _from_deepspeed(ckpt)
+    if state is not None:
+        # zero_to_fp32 keeps parameters and buffers; take anything else from module.pt.
+        module = _torch_file(ckpt.path / MODULE_FILE)
+        return {k: state.get(k, v).float().contiguous() for k, v in module.items()}
+    module = _torch_file(ckpt.path / MODULE_FILE)
+    return {k: v.float().contiguous() for k, v in module.items()}
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, use_ema: bool = True) -> Path:
+    """Write ``out`` (.safetensors) and its ``.json`` sidecar from a checkpoint.
+
+    Args:
+        checkpoint: A checkpoint directory, a run's ``checkpoints/`` folder or a run directory
+            (best checkpoint, else newest).
+        out: Output ``.safetensors`` path.
+        use_ema: Export the EMA weights when present.
+
+    Returns:
+        The written safetensors path.
+
+    Raises:
+        FileNotFoundError: Naming a missing checkpoint or file.
+        ValueError: Naming a corrupt file.
+    """
+    from safetensors.torch import save_file
+
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg = checkpoint_config(ckpt)
+    state = load_fp32_weights(ckpt, use_ema)
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    save_file(state, str(tmp), metadata={"model": cfg.model.name})
+    tmp.replace(out_path)
+    sidecar = {
+        "model": cfg.model.name,
+        "task": cfg.task,
+        "in_chans": 1,
+        "num_classes": len(ckpt.classes),
+        "classes": ckpt.classes,
+        "inputs": cfg.data.inputs,
+        "checkpoint": str(ckpt.path),
+        "step": ckpt.step,
+        "epoch": ckpt.epoch,
+        "load_with": f"timm.create_model({cfg.model.name!r}, in_chans=1, "
+        f"num_classes={len(ckpt.classes)}).load_state_dict(safetensors.torch.load_file(path))",
+    }
+    out_path.with_suffix(".json").write_text(json.dumps(sidecar, indent=1))
+    return out_path

@@ -1,0 +1,116 @@
+"""Input selection: which image the model sees, as a per-sample transform run in loader workers.
+
+* ``hr``: the stored image.
+* ``lr``: the stored image degraded (:func:`shards.degrade.degrade`) and brought back to the
+  stored size (:func:`shards.degrade.upsample_to`). Training draws a new degradation per epoch
+  from ``(seed, epoch, key)``; evaluation uses ``epoch = EVAL_EPOCH``, so a key always gets the
+  same LR image (the same one ``shards enhance`` starts from when it uses the run's seed).
+* ``sr``: the key-aligned image of the enhanced shard set (``aligned_roots=[sr_root]``).
+* ``lr+sr``: training emits both, ``image`` (LR) and ``image2`` (SR); the task concatenates
+  them along the batch so each step trains on both as separate samples (the paper's setting)
+  while loader step counts stay exact. Evaluation scores the SR image alone: it is the input
+  the deployed pipeline classifies, and keeping one image per key keeps "each validation
+  sample counted once" literally true.
+
+Augmentation (train only) runs after input selection, with its own generator from
+``(seed, epoch, key + "#augment")`` so it never shares draws with the degradation. Adding an
+input kind means changing this file only; the loop never sees which one is in use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+
+from shards.degrade import EVAL_EPOCH, DegradeConfig, degrade, sample_generator, upsample_to
+
+__all__ = ["InputKind", "InputTransform", "aligned_roots_for"]
+
+InputKind = Literal["hr", "lr", "sr", "lr+sr"]
+Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def aligned_roots_for(inputs: InputKind, sr_root: str) -> list[str]:
+    """The aligned shard sets the loader must read for ``inputs``.
+
+    Args:
+        inputs: The input kind.
+        sr_root: The enhanced shard set (used by ``sr`` and ``lr+sr``).
+
+    Returns:
+        ``[sr_root]`` for inputs that need the SR images, else ``[]``.
+    """
+    return [sr_root] if inputs in ("sr", "lr+sr") else []
+
+
+class InputTransform:
+    """Picklable per-sample transform: select the input image(s), then augment (train only).
+
+    Args:
+        inputs: hr, lr, sr or lr+sr.
+        degrade_cfg: The degradation for ``lr``.
+        upsample: How the LR image returns to the stored size (bicubic or zero_fill).
+        seed: The run seed (degradation and augmentation generators derive from it).
+        train: Training mode (random per epoch, augmentation on) or evaluation.
+        augmentation: ``(image, generator) -> image`` or None.
+    """
+
+    def __init__(
+        self,
+        inputs: InputKind,
+        degrade_cfg: DegradeConfig,
+        upsample: Literal["bicubic", "zero_fill"],
+        seed: int,
+        train: bool,
+        augmentation: Augmentation | None = None,
+    ) -> None:
+        if inputs not in ("hr", "lr", "sr", "lr+sr"):
+            raise ValueError(f"inputs must be hr, lr, sr or lr+sr, got {inputs!r}")
+        self.inputs = inputs
+        self.degrade_cfg = degrade_cfg
+        self.upsample = upsample
+        self.seed = seed
+        self.train = train
+        self.augmentation = augmentation if train else None
+
+    def _epoch(self, sample: dict[str, Any]) -> int:
+        return int(sample["epoch"]) if self.train else EVAL_EPOCH
+
+    def _lr(self, image: torch.Tensor, key: str, epoch: int) -> torch.Tensor:
+        generator = sample_generator(self.seed, epoch, key)
+        small, _ = degrade(image, self.degrade_cfg, generator)
+        return upsample_to(small, (image.shape[-2], image.shape[-1]), self.upsample)
+
+    def _sr(self, sample: dict[str, Any]) -> torch.Tensor:
+        aligned = sample.get("aligned") or []
+        if not aligned:
+            raise ValueError(
+                f"sample {sample['key']!r}: inputs={self.inputs} needs the SR image but the "
+                "loader gave no aligned image (is data.sr_root set?)"
+            )
+        return aligned[0]
+
+    def _augment(self, image: torch.Tensor, key: str, epoch: int, tag: str) -> torch.Tensor:
+        if self.augmentation is None:
+            return image
+        return self.augmentation(image, sample_generator(self.seed, epoch, f"{key}#augment{tag}"))
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """Replace ``image`` by the selected input (and add ``image2`` for lr+sr in training)."""
+        key = str(sample["key"])
+        epoch = self._epoch(sample)
+        hr = sample["image"]
+        if self.inputs == "hr":
+            image = hr
+        elif self.inputs == "lr":
+            image = self._lr(hr, key, epoch)
+        elif self.inputs == "sr" or not self.train:
+            image = self._sr(sample)
+        else:  # lr+sr in training: two samples per key
+            image = self._lr(hr, key, epoch)
+            sample["image2"] = self._augment(self._sr(sample), key, epoch, "2").contiguous()
+        sample["image"] = self._augment(image, key, epoch, "").contiguous()
+        sample.pop("aligned", None)  # consumed; no need to collate it
+        return sample

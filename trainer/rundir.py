@@ -1,0 +1,145 @@
+"""The run directory's human-facing files, written by rank 0 only.
+
+``config.yaml`` (resolved config), ``metrics.json`` (final and best validation metrics),
+``metrics.csv`` (one row per epoch), ``tb/`` (TensorBoard scalars), ``predictions.parquet``
+(key, label, predicted class and one probability column per class), and PNGs of the learning
+curves and confusion matrix (drawn by ``trainer.plots``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shards.config import save_config
+
+__all__ = ["RunDir", "scalars", "write_json", "write_predictions"]
+
+
+def scalars(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite-or-nan numeric entries of a results dict, with an optional key prefix."""
+    out = {}
+    for k, v in results.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Write JSON atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def write_predictions(
+    path: Path, rows: Sequence[tuple[str, int, list[float]]], classes: Sequence[str]
+) -> Path:
+    """Write per-sample predictions as parquet: key, label, pred and ``prob_<class>`` columns.
+
+    Args:
+        path: Output file.
+        rows: ``(key, label, probabilities)`` per sample.
+        classes: Class names (one probability column each).
+
+    Returns:
+        The written path.
+    """
+    columns: dict[str, Any] = {
+        "key": pa.array([r[0] for r in rows], pa.string()),
+        "label": pa.array([int(r[1]) for r in rows], pa.int64()),
+        "pred": pa.array([max(range(len(r[2])), key=r[2].__getitem__) for r in rows], pa.int64()),
+    }
+    for i, name in enumerate(classes):
+        columns[f"prob_{name}"] = pa.array([float(r[2][i]) for r in rows], pa.float32())
+    table = pa.table(columns).replace_schema_metadata({"classes": json.dumps(list(classes))})
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+class RunDir:
+    """Rank 0's writer of a run directory; on other ranks every method does nothing.
+
+    Args:
+        path: The run directory.
+        is_main: Whether this process writes (rank 0).
+        tensorboard: Also log TensorBoard scalars under ``path/tb``.
+    """
+
+    def __init__(self, path: Path, is_main: bool, tensorboard: bool = True) -> None:
+        self.path = path
+        self.is_main = is_main
+        self._tb: Any = None
+        if is_main:
+            path.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(path / "tb"))
+
+    @property
+    def checkpoints(self) -> Path:
+        """The run's checkpoint folder."""
+        return self.path / "checkpoints"
+
+    def save_config(self, cfg: Any) -> None:
+        """Write the resolved config as ``config.yaml``."""
+        if self.is_main:
+            save_config(cfg, self.path / "config.yaml")
+
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        """TensorBoard scalars at a global step."""
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+
+    def write_history(self, history: list[dict[str, Any]]) -> None:
+        """Rewrite ``metrics.csv`` (every epoch's row; columns are the union) and the curves."""
+        if not self.is_main or not history:
+            return
+        fields: list[str] = []
+        for row in history:
+            fields += [k for k in row if k not in fields]
+        tmp = self.path / ".metrics.csv.tmp"
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(history)
+        os.replace(tmp, self.path / "metrics.csv")
+        from trainer.plots import plot_curves
+
+        plot_curves(history, self.path / "curves.png")
+
+    def write_metrics(self, data: dict[str, Any]) -> None:
+        """Write ``metrics.json``."""
+        if self.is_main:
+            write_json(self.path / "metrics.json", data)
+
+    def close(self) -> None:
+        """Flush TensorBoard."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

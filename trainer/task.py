@@ -1,0 +1,164 @@
+"""What a training task supplies to the one training loop: model, inputs, loss, validation.
+
+The loop (``trainer.loop``) knows nothing about classes, logits or images; it asks the task. A
+task is built from the run config and the training split's class names and provides:
+
+* ``build_model()``: the unwrapped network;
+* ``transform(train)`` and ``aligned_roots()``: the per-sample loader transform and any
+  key-aligned shard sets it reads;
+* ``train_loss(backend, batch)``: the loss of one micro-batch (called inside the backend's
+  ``micro_step`` context), and how many samples it covered;
+* ``eval_reset`` / ``eval_update`` / ``eval_compute``: a validation pass whose compute is
+  synchronised over ranks;
+* ``best_metric`` / ``best_mode``: what "best" means for checkpoints and early stopping;
+* ``write_reports(run_dir, split, results)``: rank 0's per-split files (predictions, figures).
+
+:class:`ClassificationTask` is the classifier. The SR task implements the same protocol and is
+picked by :func:`create_task`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.augment import create_augmentation
+from trainer.backend import Backend
+from trainer.config import TrainConfig
+from trainer.distributed import all_gather_objects
+from trainer.factories import create_model
+from trainer.inputs import InputTransform, aligned_roots_for
+from trainer.metrics import ClassificationMetrics
+
+__all__ = ["ClassificationTask", "Prepare", "Task", "Transform", "create_task"]
+
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+Prepare = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Task(Protocol):
+    """The task-specific half of a training run (see the module docstring)."""
+
+    best_metric: str
+    best_mode: Literal["max", "min"]
+
+    def build_model(self) -> nn.Module: ...
+
+    def transform(self, train: bool) -> Transform | None: ...
+
+    def aligned_roots(self) -> list[str]: ...
+
+    def train_loss(self, backend: Backend, batch: dict[str, Any]) -> tuple[torch.Tensor, int]: ...
+
+    def eval_reset(self, device: torch.device) -> None: ...
+
+    def eval_update(self, model: nn.Module, batch: dict[str, Any], prepare: Prepare) -> None: ...
+
+    def eval_compute(self) -> dict[str, Any]: ...
+
+    def write_reports(self, run_dir: Path, split: str, results: dict[str, Any]) -> None: ...
+
+
+class ClassificationTask:
+    """Cross-entropy classification of one-channel slices with a timm model.
+
+    Args:
+        cfg: The run config.
+        classes: Class names of the shard set (the model gets one output per class).
+    """
+
+    best_metric = "balanced_accuracy"
+    best_mode: Literal["max", "min"] = "max"
+
+    def __init__(self, cfg: TrainConfig, classes: list[str]) -> None:
+        if len(classes) < 2:
+            raise ValueError(f"{cfg.data.root}: classification needs >= 2 classes, has {classes}")
+        self.cfg = cfg
+        self.classes = list(classes)
+        self.metrics = ClassificationMetrics(len(classes), self.classes)
+        self._rows: list[tuple[str, int, list[float]]] = []
+        self._loss = torch.zeros(2, dtype=torch.float64)
+        self.predictions: list[tuple[str, int, list[float]]] = []
+
+    def build_model(self) -> nn.Module:
+        m = self.cfg.model
+        return create_model(m.name, len(self.classes), 1, m.pretrained_path, m.drop_rate)
+
+    def transform(self, train: bool) -> Transform | None:
+        d = self.cfg.data
+        augmentation = create_augmentation(self.cfg.augment) if train else None
+        return InputTransform(
+            d.inputs, d.degrade, d.upsample, self.cfg.train.seed, train, augmentation
+        )
+
+    def aligned_roots(self) -> list[str]:
+        return aligned_roots_for(self.cfg.data.inputs, self.cfg.data.sr_root)
+
+    def train_loss(self, backend: Backend, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        images, labels = batch["image"], batch["label"]
+        if "image2" in batch:  # lr+sr: the second view is another sample with the same label
+            images = torch.cat([images, batch["image2"]])
+            labels = torch.cat([labels, labels])
+        logits = backend.model(backend.to_input(images))
+        target = labels.to(backend.device, non_blocking=True)
+        return F.cross_entropy(logits.float(), target), int(labels.shape[0])
+
+    def eval_reset(self, device: torch.device) -> None:
+        self.metrics.to(device)
+        self.metrics.reset()
+        self._rows = []
+        self._loss = torch.zeros(2, dtype=torch.float64, device=device)
+
+    def eval_update(self, model: nn.Module, batch: dict[str, Any], prepare: Prepare) -> None:
+        logits = model(prepare(batch["image"])).float()
+        target = batch["label"].to(logits.device)
+        valid = batch["valid"].to(logits.device).bool()
+        self.metrics.update(logits, target, valid)
+        losses = F.cross_entropy(logits, target, reduction="none")[valid]
+        self._loss[0] += losses.sum().double()
+        self._loss[1] += losses.numel()
+        probs = logits.softmax(dim=1)[valid].cpu().tolist()
+        keys = [k for k, v in zip(batch["key"], valid.tolist()) if v]
+        labels = target[valid].cpu().tolist()
+        self._rows.extend(zip(keys, labels, probs))
+
+    def eval_compute(self) -> dict[str, Any]:
+        results = self.metrics.compute()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self._loss)
+        total, count = self._loss.tolist()
+        results["loss"] = total / count if count else float("nan")
+        self.predictions = [row for rows in all_gather_objects(self._rows) for row in rows]
+        return results
+
+    def write_reports(self, run_dir: Path, split: str, results: dict[str, Any]) -> None:
+        from trainer.plots import plot_confusion
+        from trainer.rundir import write_predictions
+
+        # The validation split's file is the one the run directory promises; others by name.
+        name = "predictions" if split == self.cfg.data.val_split else f"predictions_{split}"
+        write_predictions(run_dir / f"{name}.parquet", self.predictions, self.classes)
+        if results.get("confusion_matrix") is not None:
+            plot_confusion(
+                results["confusion_matrix"], self.classes, run_dir / f"confusion_{split}.png"
+            )
+
+
+def create_task(cfg: TrainConfig, classes: list[str]) -> Task:
+    """The task the config names.
+
+    Raises:
+        ValueError: If the task is not available.
+    """
+    if cfg.task == "classify":
+        return ClassificationTask(cfg, classes)
+    try:
+        from trainer.sr_task import SRTask  # the SR issue's task; same protocol
+    except ImportError as exc:
+        raise ValueError(f"task={cfg.task!r} is not available in this build ({exc})") from exc
+    return SRTask(cfg, classes)
