@@ -1,0 +1,7 @@
+"""``python -m launch``: see :mod:`launch.commands`."""
+
+import sys
+
+from launch.commands import main
+
+sys.exit(main())
