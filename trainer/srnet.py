@@ -18,12 +18,12 @@ from torch import nn
 
 from shards.config import require
 
-__all__ = ["PRESETS", "SRNetConfig", "create_sr_model", "count_parameters"]
+__all__ = ["PRESETS", "SRConfig", "count_parameters", "create_sr_model"]
 
 
 @dataclass
-class SRNetConfig:
-    """Architecture of the SR network.
+class SRConfig:
+    """The SR task: network architecture and training pairs (config section ``sr``).
 
     Attributes:
         arch: ``edsr`` (residual blocks without batch norm) or ``srresnet`` (with BN, PReLU).
@@ -33,6 +33,9 @@ class SRNetConfig:
         res_scale: Residual scaling inside blocks (EDSR uses 0.1 for wide nets).
         scale: Upsampling factor: 2, 3 or 4.
         global_residual: Add the bicubic upsampled input to the output.
+        patch_size: Side of the HR training patches (a multiple of ``scale``).
+        ssim_weight: Weight of a (1 - SSIM) term added to the L1 loss.
+        examples: Held-out slices shown in the per-run figure.
     """
 
     arch: Literal["edsr", "srresnet"] = "edsr"
@@ -42,16 +45,22 @@ class SRNetConfig:
     res_scale: float = 1.0
     scale: int = 2
     global_residual: bool = True
+    patch_size: int = 96
+    ssim_weight: float = 0.0
+    examples: int = 4
 
     def check(self) -> None:
+        require(
+            self.patch_size >= 8 * self.scale and self.patch_size % self.scale == 0,
+            "sr.patch_size",
+            f"must be a multiple of sr.scale={self.scale} and at least {8 * self.scale}",
+        )
+        require(self.ssim_weight >= 0, "sr.ssim_weight", "must be >= 0")
         require(self.scale in (2, 3, 4), "sr.scale", f"must be 2, 3 or 4, got {self.scale}")
         require(self.blocks >= 1, "sr.blocks", "must be at least 1")
         require(self.features >= 4, "sr.features", "must be at least 4")
         require(0 < self.res_scale <= 1, "sr.res_scale", "must be in (0, 1]")
 
-    def resolved(self) -> tuple[int, int]:
-        """(blocks, features) after applying the preset."""
-        return PRESETS.get(self.preset, (self.blocks, self.features))
 
 
 PRESETS: dict[str, tuple[int, int]] = {"tiny": (2, 16), "full": (16, 64)}
@@ -100,25 +109,32 @@ def _upsampler(features: int, scale: int, act: bool) -> nn.Sequential:
 class SRNet(nn.Module):
     """Head conv, residual body with a long skip, pixel-shuffle tail, optional global residual."""
 
-    def __init__(self, cfg: SRNetConfig) -> None:
+    def __init__(
+        self,
+        arch: Literal["edsr", "srresnet"],
+        scale: int,
+        blocks: int,
+        features: int,
+        res_scale: float,
+        global_residual: bool,
+    ) -> None:
         super().__init__()
-        blocks, features = cfg.resolved()
-        self.scale = cfg.scale
-        self.global_residual = cfg.global_residual
-        srresnet = cfg.arch == "srresnet"
+        self.scale = scale
+        self.global_residual = global_residual
+        srresnet = arch == "srresnet"
         self.head = nn.Sequential(
             nn.Conv2d(1, features, 9 if srresnet else 3, padding=4 if srresnet else 1),
             *([nn.PReLU(features)] if srresnet else []),
         )
         body: list[nn.Module] = [
-            _SRResBlock(features) if srresnet else _EDSRBlock(features, cfg.res_scale)
+            _SRResBlock(features) if srresnet else _EDSRBlock(features, res_scale)
             for _ in range(blocks)
         ]
         body.append(nn.Conv2d(features, features, 3, padding=1))
         if srresnet:
             body.append(nn.BatchNorm2d(features))
         self.body = nn.Sequential(*body)
-        self.upsample = _upsampler(features, cfg.scale, act=srresnet)
+        self.upsample = _upsampler(features, scale, act=srresnet)
         self.tail = nn.Conv2d(features, 1, 9 if srresnet else 3, padding=4 if srresnet else 1)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
@@ -129,9 +145,31 @@ class SRNet(nn.Module):
         return x
 
 
-def create_sr_model(cfg: SRNetConfig) -> nn.Module:
-    """Build the SR network described by ``cfg`` (random initial weights)."""
-    return SRNet(cfg)
+def create_sr_model(
+    arch: Literal["edsr", "srresnet"] = "edsr",
+    scale: int = 2,
+    preset: Literal["tiny", "full", "custom"] = "full",
+    blocks: int = 16,
+    features: int = 64,
+    res_scale: float = 1.0,
+    global_residual: bool = True,
+) -> nn.Module:
+    """Build an SR network with random initial weights.
+
+    Args:
+        arch: ``edsr`` or ``srresnet``.
+        scale: Upsampling factor (2, 3 or 4).
+        preset: ``tiny`` or ``full`` fix (blocks, features); ``custom`` uses the arguments.
+        blocks: Residual blocks (custom preset).
+        features: Feature channels (custom preset).
+        res_scale: Residual scaling inside EDSR blocks.
+        global_residual: Add the bicubic upsampled input to the output.
+
+    Returns:
+        The network: ``[B, 1, h, w] -> [B, 1, h * scale, w * scale]``.
+    """
+    blocks, features = PRESETS.get(preset, (blocks, features))
+    return SRNet(arch, scale, blocks, features, res_scale, global_residual)
 
 
 def count_parameters(model: nn.Module) -> int:
