@@ -94,10 +94,14 @@ def check_slice(image: np.ndarray, min_size: int = 32) -> None:
 
 
 def _brain_box(image: np.ndarray, cfg: PreprocessConfig) -> tuple[int, int, int, int] | None:
-    ref = float(np.percentile(image, 99))
-    low = float(image.min())
-    mask = (image - low) > cfg.crop_threshold * max(ref - low, 1e-12)
-    if mask.sum() < 16:
+    # The box is found on a 2x-subsampled image: 4x less work for a box off by at most a pixel,
+    # which the margin absorbs.
+    step = 2 if min(image.shape) >= 128 else 1
+    small = image[::step, ::step]
+    ref = float(np.percentile(small, 99))
+    low = float(small.min())
+    mask = (small - low) > cfg.crop_threshold * max(ref - low, 1e-12)
+    if mask.sum() < 16 // (step * step):
         return None
     # The largest connected blob is the head; small bright specks (labels, markers) are not.
     labels, n = ndimage.label(mask)
@@ -106,7 +110,8 @@ def _brain_box(image: np.ndarray, cfg: PreprocessConfig) -> tuple[int, int, int,
         mask = labels == (int(np.argmax(sizes)) + 1)
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
-    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    y0, y1 = int(rows[0]) * step, (int(rows[-1]) + 1) * step
+    x0, x1 = int(cols[0]) * step, (int(cols[-1]) + 1) * step
     my = round((y1 - y0) * cfg.crop_margin)
     mx = round((x1 - x0) * cfg.crop_margin)
     h, w = image.shape
