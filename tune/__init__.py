@@ -1,1 +1,8 @@
-"""tune"""
+"""Hyperparameter search over trainer runs on Ray Tune (ASHA/FIFO/PBT, random/grid/Optuna).
+
+Entry points: ``python -m tune {run,resume,report}`` (:mod:`tune.cli`); in Python,
+:func:`tune.search.run_search`, :func:`tune.search.resume_search` and
+:func:`tune.results.write_outputs`. Submodules are imported on use, so ``import tune`` stays light.
+"""
+
+__all__: list[str] = []

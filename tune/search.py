@@ -1,0 +1,298 @@
+"""Set up, run and resume a search: Ray, the Tuner, its scheduler, search algorithm and resources.
+
+On a cluster (``--address``, or inside ``ray job submit``) ``experiment.storage`` and the shard set
+must be paths (or URLs) every node reaches: trial folders, checkpoints and trainer run folders are
+written there by whichever node runs the trial.
+
+An experiment folder holds, besides Ray Tune's own state, ``search.yaml`` (the resolved search
+config) and ``base.yaml`` (the resolved base trainer config it points to). ``tune resume`` rebuilds
+the trainable from those two files alone, so a search can be resumed from any working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+from shards.config import ConfigError, config_to_dict, save_config
+from trainer.config import TrainConfig
+from tune.config import (
+    BaseSection,
+    ExperimentSection,
+    ParamSpec,
+    SearchConfig,
+    load_search_config,
+)
+from tune.space import base_config, default_metric, mutations, param_space, validate_space
+from tune.trainable import TrialSetup, run_trial, trial_dirname
+
+__all__ = [
+    "BASE_FILE",
+    "SEARCH_FILE",
+    "Prepared",
+    "connect",
+    "load_experiment",
+    "prepare",
+    "resume_search",
+    "run_search",
+]
+
+SEARCH_FILE = "search.yaml"
+BASE_FILE = "base.yaml"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A checked search, ready to hand to Ray Tune.
+
+    Attributes:
+        search: The search config.
+        base: The base trainer config.
+        space: The validated space (values coerced to the trainer's types).
+        metric: Metric the scheduler and the best config use.
+        mode: max or min.
+        experiment_dir: ``experiment.storage/experiment.name``, absolute.
+    """
+
+    search: SearchConfig
+    base: TrainConfig
+    space: dict[str, ParamSpec]
+    metric: str
+    mode: str
+    experiment_dir: Path
+
+
+def prepare(search: SearchConfig) -> Prepared:
+    """Check the search against the trainer config (before Ray starts) and name the experiment.
+
+    Raises:
+        ConfigError: On any invalid key or value of the space, scheduler or search algorithm.
+    """
+    base = base_config(search)
+    space = validate_space(search, base)
+    if search.scheduler.name == "pbt" and search.search.name == "optuna":
+        raise ConfigError("scheduler.name: pbt proposes its own configs; use search.name=random")
+    metric, mode = default_metric(search, base)
+    name = search.experiment.name or f"{base.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    experiment_dir = (Path(search.experiment.storage).expanduser() / name).resolve()
+    return Prepared(search, base, space, metric, mode, experiment_dir)
+
+
+def connect(address: str | None, dashboard: bool = False) -> None:
+    """``ray.init()``: a local Ray by default, or join the cluster at ``address`` (``auto`` too)."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+    elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: join the job's cluster
+        ray.init()
+    else:
+        ray.init(include_dashboard=dashboard)
+
+
+def _max_epochs(prep: Prepared) -> int:
+    """Longest trial in epochs (``train.epochs`` may itself be searched)."""
+    if prep.search.scheduler.max_t:
+        return prep.search.scheduler.max_t
+    spec = prep.space.get("train.epochs")
+    if spec is None:
+        return prep.base.train.epochs
+    if spec.randint is not None:
+        return int(spec.randint[1]) - 1
+    return max(int(v) for v in (spec.choice or spec.grid or [prep.base.train.epochs]))
+
+
+def _scheduler(prep: Prepared) -> Any:
+    s = prep.search.scheduler
+    if s.name == "asha":
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=_max_epochs(prep),
+            grace_period=s.grace_period,
+            reduction_factor=s.reduction_factor,
+        )
+    if s.name == "pbt":
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=s.perturbation_interval,
+            hyperparam_mutations=mutations(prep.space),
+            quantile_fraction=s.quantile_fraction,
+            resample_probability=s.resample_probability,
+        )
+    return FIFOScheduler()
+
+
+def _search_alg(prep: Prepared) -> Any:
+    a = prep.search.search
+    if a.name == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=a.seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=a.seed)
+
+
+def _concurrency(prep: Prepared) -> int | None:
+    """Trials at once: as configured, else (multi-worker trials) what the cluster holds."""
+    s = prep.search
+    if s.max_concurrent:
+        return s.max_concurrent
+    if s.resources.workers == 1:
+        return None  # Tune packs single-process trials by their declared resources itself
+    total = ray.cluster_resources()
+    r = s.resources
+    fits = math.floor(total.get("CPU", 0) / (r.cpus * r.workers))
+    if r.gpus:
+        fits = min(fits, math.floor(total.get("GPU", 0) / (r.gpus * r.workers)))
+    if fits < 1:
+        raise ConfigError(
+            f"resources: a trial needs {r.workers} workers x ({r.cpus} CPU, {r.gpus} GPU) but "
+            f"the cluster has {total.get('CPU', 0)} CPUs and {total.get('GPU', 0)} GPUs"
+        )
+    return fits
+
+
+def _trainable(prep: Prepared) -> Any:
+    r = prep.search.resources
+    setup = TrialSetup(
+        base=config_to_dict(prep.base),
+        experiment_dir=str(prep.experiment_dir),
+        workers=r.workers,
+        cpus=r.cpus,
+        gpus=r.gpus,
+    )
+    fn = tune.with_parameters(run_trial, setup=setup)
+    if r.workers == 1:
+        return tune.with_resources(fn, {"cpu": r.cpus, "gpu": r.gpus})
+    # The trial process only coordinates; its Ray Train workers hold the CPUs and GPUs. Ray
+    # needs a non-empty request for it, so it asks for a token amount of memory; the number of
+    # such trials at once is capped from the cluster's resources (see _concurrency).
+    return tune.with_resources(fn, {"cpu": 0, "memory": 1})
+
+
+def _run_config(prep: Prepared) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=prep.experiment_dir.name,
+        storage_path=str(prep.experiment_dir.parent),
+        failure_config=tune.FailureConfig(max_failures=prep.search.max_failures),
+        # PBT copies another trial's checkpoint a moment after it was reported: keep them all
+        # there (Ray would otherwise delete a donor's checkpoint before it is copied).
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=None if prep.search.scheduler.name == "pbt" else 2
+        ),
+        verbose=1,
+    )
+
+
+def _save_inputs(prep: Prepared) -> None:
+    """Write ``base.yaml`` and ``search.yaml`` so the experiment resumes on its own."""
+    d = prep.experiment_dir
+    d.mkdir(parents=True, exist_ok=True)
+    save_config(prep.base, d / BASE_FILE)
+    search = dataclasses.replace(
+        prep.search,
+        base=BaseSection(config=str(d / BASE_FILE), overrides=[]),
+        experiment=ExperimentSection(name=d.name, storage=str(d.parent)),
+        space=prep.space,
+        metric=prep.metric,
+        mode=prep.mode,
+    )
+    save_config(search, d / SEARCH_FILE)
+
+
+def run_search(search: SearchConfig, address: str | None = None, dashboard: bool = False) -> Path:
+    """Validate, start Ray and run the whole search; write the results; return the folder.
+
+    Args:
+        search: The search config.
+        address: Ray cluster to join (``auto`` or ``HOST:PORT``); None starts Ray locally.
+        dashboard: Start Ray's dashboard with a local Ray.
+
+    Returns:
+        The experiment folder.
+
+    Raises:
+        ConfigError: Before any trial starts, on an invalid space or setting.
+    """
+    from tune.results import write_outputs
+
+    prep = prepare(search)
+    if prep.experiment_dir.exists() and any(prep.experiment_dir.glob("experiment_state-*")):
+        raise ConfigError(
+            f"{prep.experiment_dir}: an experiment of that name exists; continue it with "
+            f"`python -m tune resume {prep.experiment_dir}` or choose experiment.name"
+        )
+    _save_inputs(prep)
+    connect(address, dashboard)
+    tuner = tune.Tuner(
+        _trainable(prep),
+        param_space=param_space(prep.space),
+        tune_config=tune.TuneConfig(
+            metric=prep.metric,
+            mode=prep.mode,
+            search_alg=_search_alg(prep),
+            scheduler=_scheduler(prep),
+            num_samples=search.num_samples,
+            max_concurrent_trials=_concurrency(prep),
+            reuse_actors=search.reuse_actors and search.resources.workers == 1,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=_run_config(prep),
+    )
+    tuner.fit()
+    write_outputs(prep.experiment_dir)
+    return prep.experiment_dir
+
+
+def load_experiment(experiment_dir: str | Path) -> Prepared:
+    """The prepared search of an existing experiment folder (from its ``search.yaml``).
+
+    Raises:
+        ConfigError: If the folder is not an experiment written by ``tune run``.
+    """
+    d = Path(experiment_dir).expanduser().resolve()
+    if not (d / SEARCH_FILE).is_file():
+        raise ConfigError(
+            f"{d}: not a tune experiment (no {SEARCH_FILE}; was it made by tune run?)"
+        )
+    prep = prepare(load_search_config(d / SEARCH_FILE, [f"base.config={d / BASE_FILE}"]))
+    if prep.experiment_dir != d:  # the folder was moved: follow it
+        prep = Prepared(prep.search, prep.base, prep.space, prep.metric, prep.mode, d)
+    return prep
+
+
+def resume_search(experiment_dir: str | Path, address: str | None = None) -> Path:
+    """Continue an interrupted search: finished trials kept, the others resumed or retried.
+
+    Args:
+        experiment_dir: The experiment folder.
+        address: Ray cluster to join; None starts Ray locally.
+
+    Returns:
+        The experiment folder.
+    """
+    from tune.results import write_outputs
+
+    prep = load_experiment(experiment_dir)
+    if not tune.Tuner.can_restore(str(prep.experiment_dir)):
+        raise ConfigError(f"{prep.experiment_dir}: no Ray Tune state to resume from")
+    connect(address)
+    tuner = tune.Tuner.restore(
+        str(prep.experiment_dir),
+        trainable=_trainable(prep),
+        resume_unfinished=True,
+        resume_errored=True,
+    )
+    tuner.fit()
+    write_outputs(prep.experiment_dir)
+    return prep.experiment_dir
