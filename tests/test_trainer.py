@@ -135,6 +135,22 @@ def test_schedules_warm_up_then_decay() -> None:
         sched.load_state_dict(state)
 
 
+@pytest.mark.parametrize("warmup_epochs", [0.0, 0.2, 0.34])
+@pytest.mark.parametrize("steps_per_epoch", [1, 2, 3])
+def test_onecycle_survives_short_warmups_and_runs(warmup_epochs, steps_per_epoch) -> None:
+    # OneCycleLR divides by its phase lengths: a warmup of <= 1 step used to divide by zero.
+    from trainer.factories import create_scheduler
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = create_scheduler(opt, "onecycle", 0.1, epochs=2, steps_per_epoch=steps_per_epoch,
+                             warmup_epochs=warmup_epochs)  # fmt: skip
+    for _ in range(2 * steps_per_epoch):
+        opt.step()
+        sched.step()
+    assert 0 < sched.lr() <= 0.1
+
+
 def test_inputs_lr_is_fixed_in_eval_and_varies_in_train() -> None:
     from shards.degrade import DegradeConfig
     from trainer.inputs import InputTransform

@@ -256,13 +256,17 @@ def create_scheduler(
         return LRSchedule(optimizer, chained(main))
     if name == "constant":
         return LRSchedule(optimizer, chained(lr_scheduler.ConstantLR(optimizer, 1.0, 0)))
+    if name == "onecycle" and total < 4:
+        # OneCycleLR divides by its phase lengths; with under 4 steps there is no cycle to run.
+        return LRSchedule(optimizer, chained(lr_scheduler.ConstantLR(optimizer, 1.0, 0)))
     if name == "onecycle":
         initial = lr * start if warm > 0 else lr / 25.0
         cycle = lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=lr,
             total_steps=total,
-            pct_start=max(warm, 1) / total,
+            # Each phase needs >= 2 steps: OneCycleLR divides by (phase end - phase start).
+            pct_start=min(max(warm, 2), total - 2) / total,
             anneal_strategy="cos",
             div_factor=lr / initial,
             final_div_factor=initial / max(min_lr, initial * 1e-4),
