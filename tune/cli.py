@@ -77,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_outputs(args.experiment_dir)
             return 0
     except (ConfigError, FileNotFoundError) as exc:
+        if isinstance(exc, FileNotFoundError) and exc.filename is None:
+            # No file named: not a user's missing input but a fault to diagnose; show where.
+            import traceback
+
+            traceback.print_exc()
         where = str(getattr(args, "config", "") or "")
         text = str(exc) if not where or str(exc).startswith(where) else f"{where}: {exc}"
         print(f"error: {text}", file=sys.stderr)
