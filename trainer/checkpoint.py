@@ -38,6 +38,7 @@ __all__ = [
     "find_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_torch_file",
     "prune_checkpoints",
     "read_info",
     "resolve_checkpoint",
@@ -165,7 +166,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _load(path: Path) -> Any:
+def load_torch_file(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``; clear errors naming a missing or corrupt file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file is missing")
     try:
@@ -258,9 +260,9 @@ def load_checkpoint(
         ValueError: Naming the corrupt file.
     """
     info = read_info(path)
-    trainer_state = _load(path / TRAINER_FILE)
+    trainer_state = load_torch_file(path / TRAINER_FILE)
     rank_file = path / f"rank-{rank:05d}.pt"
-    rank_state = _load(rank_file) if rank_file.is_file() else None
+    rank_state = load_torch_file(rank_file) if rank_file.is_file() else None
     backend.load(path)
     return info, trainer_state, rank_state
 

@@ -13,14 +13,13 @@ import contextlib
 import io
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 
 from shards.config import config_from_dict
 from trainer.backend import MODULE_FILE
-from trainer.checkpoint import TRAINER_FILE, CheckpointInfo, resolve_checkpoint
+from trainer.checkpoint import TRAINER_FILE, CheckpointInfo, load_torch_file, resolve_checkpoint
 from trainer.config import TrainConfig
 
 __all__ = ["checkpoint_config", "export_checkpoint", "load_fp32_weights"]
@@ -41,15 +40,6 @@ def checkpoint_config(ckpt: CheckpointInfo) -> TrainConfig:
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML ({exc})") from exc
     return config_from_dict(TrainConfig, data)
-
-
-def _torch_file(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file is missing")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: corrupt checkpoint file ({type(exc).__name__}: {exc})") from exc
 
 
 def _from_deepspeed(ckpt: CheckpointInfo) -> dict[str, torch.Tensor] | None:
@@ -81,16 +71,16 @@ def load_fp32_weights(ckpt: CheckpointInfo, use_ema: bool = True) -> dict[str, t
         ValueError: Naming the corrupt file.
     """
     if use_ema:
-        saved = _torch_file(ckpt.path / TRAINER_FILE)
+        saved = load_torch_file(ckpt.path / TRAINER_FILE)
         ema = saved.get("ema") if isinstance(saved, dict) else None
         if ema:
             return {k.removeprefix("module."): v.float().contiguous() for k, v in ema.items()}
     state = _from_deepspeed(ckpt)
     if state is not None:
         # zero_to_fp32 keeps parameters and buffers; take anything else from module.pt.
-        module = _torch_file(ckpt.path / MODULE_FILE)
+        module = load_torch_file(ckpt.path / MODULE_FILE)
         return {k: state.get(k, v).float().contiguous() for k, v in module.items()}
-    module = _torch_file(ckpt.path / MODULE_FILE)
+    module = load_torch_file(ckpt.path / MODULE_FILE)
     return {k: v.float().contiguous() for k, v in module.items()}
 
 

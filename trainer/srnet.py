@@ -62,7 +62,6 @@ class SRConfig:
         require(0 < self.res_scale <= 1, "sr.res_scale", "must be in (0, 1]")
 
 
-
 PRESETS: dict[str, tuple[int, int]] = {"tiny": (2, 16), "full": (16, 64)}
 
 
