@@ -284,11 +284,15 @@ def test_interrupted_ingest_resumes_to_the_same_set(tmp_path):
 def test_ray_fan_out_gives_the_same_output(tmp_path):
     pytest.importorskip("ray")
     local = run_ingest("synth", None, tmp_path / "local", "synth.n=16")
-    viaray = run_ingest("synth", None, tmp_path / "ray", "synth.n=16", "ray_address=local")
-    import ray
-
-    ray.shutdown()
-    assert [s.sha256 for s in local.index.shards] == [s.sha256 for s in viaray.index.shards]
+    # A fresh process: Ray keeps process-wide state (auth mode, core worker) after shutdown that
+    # would leak into later tests that start their own Ray.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "shards", "synth", "--n", "16", "--size", str(SIZE),
+           "--seed", "0", "--out", str(tmp_path / "ray"), "--ray-address", "local"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    viaray = read_index(tmp_path / "ray")
+    assert [s.sha256 for s in local.index.shards] == [s.sha256 for s in viaray.shards]
 
 
 def test_inspect_counts_and_contact_sheet(tmp_path):
