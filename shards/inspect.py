@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import matplotlib.pyplot as plt
 import pyarrow.parquet as pq
 
 from shards.format import MANIFEST_NAME, decode_image, from_uint16, read_index
+from shards.loader import iter_shard
 from shards.writer import MANIFEST_SCHEMA, ManifestRow
 
 __all__ = ["contact_sheet", "count_table", "read_manifest_rows"]
@@ -58,19 +58,13 @@ def count_table(root: str | Path) -> str:
 
 def _samples_per_class(root: Path, per_class: int, n_classes: int) -> dict[int, list]:
     found: dict[int, list] = {c: [] for c in range(n_classes)}
+    wanted = frozenset({"npy", "cls", "json"})
     for info in read_index(root).shards:
-        with tarfile.open(root / info.name) as tar:
-            pending: dict[str, dict[str, bytes]] = {}
-            for m in tar:
-                key, ext = m.name.split(".", 1)
-                pending.setdefault(key, {})[ext] = tar.extractfile(m).read()  # type: ignore[union-attr]
-                sample = pending[key]
-                if {"npy", "cls", "json"} <= sample.keys():
-                    label = int(sample["cls"])
-                    if len(found[label]) < per_class:
-                        meta = json.loads(sample["json"])
-                        found[label].append((from_uint16(decode_image(sample["npy"])), meta))
-                    del pending[key]
+        for _, sample in iter_shard(str(root / info.name), 0, wanted):
+            label = int(sample["cls"])
+            if len(found[label]) < per_class:
+                meta = json.loads(sample["json"])
+                found[label].append((from_uint16(decode_image(sample["npy"])), meta))
         if all(len(v) >= per_class for v in found.values()):
             break
     return found

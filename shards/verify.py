@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from shards.format import MANIFEST_NAME, read_index
+from shards.loader import iter_shard
 from shards.writer import file_sha256
 
 __all__ = ["verify"]
 
 
 def _count_samples(path: Path) -> int:
-    keys = set()
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if member.isfile():
-                keys.add(member.name.split("/")[-1].split(".", 1)[0])
-    return len(keys)
+    return len({key for key, _ in iter_shard(str(path), 0, frozenset({"cls"}))})
 
 
 def verify(root: str | Path) -> list[str]:
@@ -47,7 +42,7 @@ def verify(root: str | Path) -> list[str]:
             continue
         try:
             n = _count_samples(path)
-        except tarfile.TarError as exc:
+        except (OSError, ValueError) as exc:
             problems.append(f"{path}: not a readable tar ({exc})")
             continue
         if n != info.count:
