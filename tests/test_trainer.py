@@ -135,6 +135,41 @@ def test_schedules_warm_up_then_decay() -> None:
         sched.load_state_dict(state)
 
 
+@pytest.mark.parametrize("name", ["cosine", "step", "onecycle", "plateau", "constant"])
+@pytest.mark.parametrize("stop", [3, 25])  # in the warmup, after it
+def test_rescaled_schedule_follows_the_new_peak(name: str, stop: int) -> None:
+    # A resumed run whose optim.lr changed (PBT) must continue on the new peak's schedule.
+    from trainer.factories import create_scheduler
+
+    def build(lr: float) -> tuple[torch.optim.Optimizer, object]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        sched = create_scheduler(opt, name, lr, epochs=4, steps_per_epoch=10,
+                                 warmup_epochs=1, warmup_lr=0.001, step_epochs=2)  # fmt: skip
+        return opt, sched
+
+    old_opt, old = build(0.1)
+    for _ in range(stop):
+        old_opt.step()
+        old.step()
+    new_opt, new = build(0.3)  # what a resume builds, then loads the old state into
+    new_opt.load_state_dict(old_opt.state_dict())
+    new.load_state_dict(old.state_dict())
+    new.rescale(3.0)
+    ref_opt, ref = build(0.3)  # the run that had the new peak all along
+    for _ in range(stop):
+        ref_opt.step()
+        ref.step()
+    for step in range(stop, 40):
+        # The rest of the old schedule, three times higher...
+        assert new.lr() == pytest.approx(3.0 * old.lr(), rel=1e-5), (name, step)
+        # ...which after the warmup (from the absolute warmup_lr) is the new peak's schedule.
+        if step >= 10 and name != "onecycle":  # onecycle anchors its floor at warmup_lr
+            assert new.lr() == pytest.approx(ref.lr(), rel=1e-5), (name, step)
+        for opt, sched in ((old_opt, old), (new_opt, new), (ref_opt, ref)):
+            opt.step()
+            sched.step()
+
+
 @pytest.mark.parametrize("warmup_epochs", [0.0, 0.2, 0.34])
 @pytest.mark.parametrize("steps_per_epoch", [1, 2, 3])
 def test_onecycle_survives_short_warmups_and_runs(warmup_epochs, steps_per_epoch) -> None:
@@ -227,6 +262,16 @@ def test_fit_single_process_export_evaluate_and_errors(
     test_metrics = json.loads((ev_out / "metrics_test.json").read_text())
     assert test_metrics["n"] == 9
     assert pq.read_table(ev_out / "predictions_test.parquet").num_rows == 9
+
+    # Resumed with another LR and weight decay (what a PBT exploit does): they take effect.
+    lr0 = float(_history(run)[-1]["lr"])
+    again = _cli("fit", "--config", str(DEBUG), f"data.root={shards}", f"out_dir={out}",
+                 "name=one", "train.epochs=4", "train.max_steps_per_epoch=8",
+                 "sched.name=constant", "sched.warmup_epochs=0", f"optim.lr={2 * lr0}",
+                 "optim.weight_decay=0.2")  # fmt: skip
+    assert "the LR schedule is rescaled" in again.stdout and "0.2)" in again.stdout, again.stdout
+    rows = _history(run)
+    assert len(rows) == 4 and float(rows[-1]["lr"]) == pytest.approx(2 * lr0), rows[-1]
 
     # The saved config.yaml is accepted as is by `fit --config`.
     _cli("fit", "--config", str(run / "config.yaml"), f"out_dir={tmp_path / 'again'}",

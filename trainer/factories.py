@@ -15,7 +15,7 @@ from typing import Any, Literal
 import timm
 import torch
 from timm.models import adapt_input_conv
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from torch import nn
 from torch.optim import lr_scheduler
 
@@ -126,15 +126,23 @@ def create_optimizer(
     Returns:
         The optimizer.
     """
+
+    def groups(module: nn.Module) -> list[dict[str, Any]]:
+        # Always the two timm groups, each marked: the group structure must not depend on
+        # the decay's value, or a run resumed with another optim.weight_decay (PBT) could not
+        # load its optimizer state, nor tell which group takes the new decay.
+        made = param_groups_weight_decay(module, 1.0)  # 1.0 only marks which group decays
+        for group in made:
+            group["decay"] = group["weight_decay"] > 0
+            group["weight_decay"] = weight_decay if group["decay"] else 0.0
+        return made
+
+    common: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay, "param_group_fn": groups}
     if name == "sgd":
         opt = "sgd" if nesterov else "momentum"  # timm: "sgd" is Nesterov, "momentum" is not
-        return create_optimizer_v2(
-            model, opt=opt, lr=lr, weight_decay=weight_decay, momentum=momentum
-        )
+        return create_optimizer_v2(model, opt=opt, momentum=momentum, **common)
     if name in ("adam", "adamw"):
-        return create_optimizer_v2(
-            model, opt=name, lr=lr, weight_decay=weight_decay, betas=tuple(betas)
-        )
+        return create_optimizer_v2(model, opt=name, betas=tuple(betas), **common)
     raise ValueError(f"optim.name: {name!r} is not adamw, adam or sgd")
 
 
@@ -180,6 +188,30 @@ class LRSchedule:
     def lr(self) -> float:
         """Current learning rate of the first param group."""
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def rescale(self, factor: float) -> None:
+        """Multiply the whole schedule, past and future, by ``factor`` (a changed peak LR).
+
+        A run resumed with another ``optim.lr`` (a PBT mutation, or a user's override) restores
+        the checkpoint's schedule state, whose base LRs are the old peak's: scaling the current
+        LR, the schedulers' base LRs and OneCycle's anchors puts the run on the schedule that
+        the new peak would have given at the same step. ``min_lr`` floors stay as configured.
+
+        Args:
+            factor: New peak LR over the old one.
+        """
+        for group in self.optimizer.param_groups:
+            for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                if key in group:
+                    group[key] *= factor
+        for part in (self.main, self.warmup, self.plateau):
+            if part is None:
+                continue
+            for sched in (part, *getattr(part, "_schedulers", ())):  # SequentialLR's parts too
+                if hasattr(sched, "base_lrs"):
+                    sched.base_lrs = [b * factor for b in sched.base_lrs]
+                if hasattr(sched, "_last_lr"):
+                    sched._last_lr = [lr * factor for lr in sched._last_lr]
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and primitives only (loadable with ``weights_only=True``)."""

@@ -171,6 +171,7 @@ def _maybe_resume(run: Run) -> None:
     run.schedule.load_state_dict(saved["schedule"])
     if run.ema is not None and saved.get("ema") is not None:
         run.ema.load_state_dict(saved["ema"])
+    _apply_changed_hparams(run, saved.get("hparams"))
     run.state = TrainState(**saved["state"])
     if info.epoch_end:
         run.state.epoch, run.state.micro = info.epoch + 1, 0
@@ -183,9 +184,33 @@ def _maybe_resume(run: Run) -> None:
     print0(f"resumed from {found.path} (epoch {run.state.epoch}, step {run.state.step})")
 
 
+def _apply_changed_hparams(run: Run, saved: dict[str, float] | None) -> None:
+    """Make ``optim.lr`` / ``optim.weight_decay`` of this run's config win over the checkpoint's.
+
+    Resuming restores the optimizer's param groups and the schedule as they were saved; a PBT
+    exploit (or a user's override on resume) that changed either value would otherwise do
+    nothing. The LR schedule is rescaled by new/old peak; weight decay is set on the groups
+    :func:`trainer.factories.create_optimizer` marked as decaying (norms and biases keep none).
+    """
+    if not saved:
+        return
+    o = run.cfg.optim
+    if o.lr != saved["lr"]:
+        run.schedule.rescale(o.lr / saved["lr"])
+        print0(f"optim.lr changed since the checkpoint ({saved['lr']:g} -> {o.lr:g}): "
+               "the LR schedule is rescaled")  # fmt: skip
+    if o.weight_decay != saved["weight_decay"]:
+        for group in run.backend.optimizer.param_groups:
+            if group.get("decay", True):
+                group["weight_decay"] = o.weight_decay
+        print0(f"optim.weight_decay changed since the checkpoint ({saved['weight_decay']:g} -> "
+               f"{o.weight_decay:g})")  # fmt: skip
+
+
 def _save(run: Run, epoch_end: bool, metric: float | None) -> Path:
     st = run.state
     saved = {
+        "hparams": {"lr": run.cfg.optim.lr, "weight_decay": run.cfg.optim.weight_decay},
         "state": {k: getattr(st, k) for k in TrainState.__dataclass_fields__},
         "schedule": run.schedule.state_dict(),
         "ema": run.ema.state_dict() if run.ema is not None else None,
