@@ -306,6 +306,54 @@ def test_trial_that_crashes_once_is_retried_from_its_checkpoint(
     assert list(history["epoch"]) == [0, 1, 2]
 
 
+# ------------------------------------------------------------------------------ PBT mutations
+
+
+def test_pbt_mutations_take_effect_in_the_exploiting_trial(
+    tmp_path: Path, shards: Path, local_ray: None
+) -> None:
+    # A PBT exploit restores the donor's checkpoint under a mutated LR: the trainer must train
+    # with the mutated value, not with the LR saved in the donor's optimizer state.
+    from tune.config import load_search_config
+    from tune.search import run_search
+
+    path = _write_search(
+        tmp_path,
+        str(shards),
+        {"optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}},
+        trainer={"sched.name": "constant", "train.epochs": 5},
+        metric="val_loss",
+        mode="min",
+        num_samples=2,
+        scheduler={
+            "name": "pbt",
+            "perturbation_interval": 1,
+            "quantile_fraction": 0.5,
+            "synch": True,
+        },  # fmt: skip
+        search={"name": "random", "seed": 3},
+    )
+    experiment = run_search(load_search_config(path))
+    assert set(_results(experiment)["status"]) == {"TERMINATED"}
+    # Ray's PBT log: [target, donor, target iter, donor iter, donor config, new config].
+    exploits = [
+        json.loads(line) for line in (experiment / "pbt_global.txt").read_text().splitlines()
+    ]
+    assert exploits, "PBT never exploited"
+    mutated = {round(e[5]["optim.lr"], 12) for e in exploits}
+    initial = set()
+    trained = set()
+    for trial in experiment.glob("*/result.json"):
+        first = json.loads(trial.read_text().splitlines()[0])
+        initial.add(round(first["config"]["optim.lr"], 12))
+        history = pd.read_csv(trial.parent / "run" / "metrics.csv")
+        trained |= {round(v, 12) for v in history["lr"]}  # constant schedule: LR = config's
+    # Every epoch trained with a configured LR, and the mutated ones were really used (resuming
+    # from the donor's checkpoint without re-applying the config would train with the donor's).
+    assert trained <= initial | mutated, (trained, initial, mutated)
+    assert trained & (mutated - initial), (trained, initial, mutated)
+
+
 # ------------------------------------------------------------ killed driver, then `tune resume`
 
 

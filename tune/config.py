@@ -110,6 +110,9 @@ class SchedulerSection:
         perturbation_interval: PBT: epochs between exploit/explore steps.
         quantile_fraction: PBT: bottom fraction that copies the top fraction.
         resample_probability: PBT: chance a mutated value is resampled, not perturbed.
+        synch: PBT: wait until every trial reaches a perturbation point and rank them on the
+            same epoch (asynchronous PBT compares a trial's newest score with the others' older
+            ones, which favours whichever trial reported last when the metric drifts).
     """
 
     name: Literal["asha", "fifo", "pbt"] = "asha"
@@ -119,6 +122,7 @@ class SchedulerSection:
     perturbation_interval: int = 1
     quantile_fraction: float = 0.25
     resample_probability: float = 0.25
+    synch: bool = False
 
     def check(self) -> None:
         require(self.grace_period >= 1, "scheduler.grace_period", "must be >= 1 epoch")

@@ -123,7 +123,10 @@ def collect(prep: Prepared) -> pd.DataFrame:
                 "status": status,
                 "num_failures": int(info.get("num_failures", 0)),
             }
-            row.update({k: params.get(k) for k in prep.space})
+            # The values this epoch was trained with: PBT changes a trial's config mid-run, and
+            # Tune records the config of every report; the final config stands in otherwise.
+            now = r.get("config") if isinstance(r.get("config"), dict) else params
+            row.update({k: now.get(k, params.get(k)) for k in prep.space})
             row.update({k: v for k, v in r.items() if k not in _DROP and _scalar(v)})
             row["stopped_early"] = status == "TERMINATED" and last + 1 < epochs
             rows.append(row)

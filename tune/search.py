@@ -11,10 +11,12 @@ the trainable from those two files alone, so a search can be resumed from any wo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,7 @@ def _scheduler(prep: Prepared) -> Any:
             hyperparam_mutations=mutations(prep.space),
             quantile_fraction=s.quantile_fraction,
             resample_probability=s.resample_probability,
+            synch=s.synch,
         )
     return FIFOScheduler()
 
@@ -249,9 +252,31 @@ def run_search(search: SearchConfig, address: str | None = None, dashboard: bool
         ),
         run_config=_run_config(prep),
     )
-    tuner.fit()
+    with _cwd(prep.experiment_dir):
+        tuner.fit()
     write_outputs(prep.experiment_dir)
     return prep.experiment_dir
+
+
+@contextlib.contextmanager
+def _cwd(folder: Path) -> Iterator[None]:
+    """Run the Tuner with ``folder`` (absolute) as the working directory.
+
+    Under ``ray job submit`` the driver starts in the job's unpacked ``working_dir``, and Ray's
+    runtime-env agent may replace that folder while it starts the trials' workers, which leaves
+    the driver in a deleted directory: Tune's final ``os.path.abspath`` then fails with a
+    FileNotFoundError that names no file. Every path of a search is absolute by now.
+    """
+    before = None
+    with contextlib.suppress(FileNotFoundError):
+        before = os.getcwd()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        if before is not None and os.path.isdir(before):
+            os.chdir(before)
 
 
 def load_experiment(experiment_dir: str | Path) -> Prepared:
@@ -293,6 +318,7 @@ def resume_search(experiment_dir: str | Path, address: str | None = None) -> Pat
         resume_unfinished=True,
         resume_errored=True,
     )
-    tuner.fit()
+    with _cwd(prep.experiment_dir):
+        tuner.fit()
     write_outputs(prep.experiment_dir)
     return prep.experiment_dir
