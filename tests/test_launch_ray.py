@@ -177,12 +177,6 @@ def test_stop_a_running_ray_job(ray_cluster: RayCluster, tmp_path: Path) -> None
     assert wait_ray_job(ray_cluster, job, timeout=60) == "STOPPED"
 
 
-@pytest.mark.xfail(
-    reason="known defect: submitted as a Ray job, `tune run` finishes its trials and then exits "
-    "with FileNotFoundError ([Errno 2], no file named) while writing its outputs; the same "
-    "search succeeds run directly and `tune report` on its folder succeeds (under investigation)",
-    strict=False,
-)
 def test_tune_search_as_a_ray_job(ray_cluster: RayCluster, tmp_path: Path) -> None:
     pytest.importorskip("tune.cli", reason="tune/ is not written yet: enable with tune.cli")
     space = ROOT / "configs" / "tune-debug.yaml"
