@@ -151,16 +151,20 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     data_root = str(out / "data")
 
     sr_root = str(out / "data-sr")
-    if any(a in ("sr", "lr+sr") for a in cfg.arms):
+    sr_cfg, degrade = None, []
+    if cfg.sr.config:
+        # The lr arm always sees the SR stage's degradation, whether or not the SR arms run:
+        # an hr/lr-only run (calibrating a benchmark) trains exactly the classifiers that the
+        # full run trains, under the same config hashes.
         sr_cfg = trainer_config(
             cfg.sr, [f"data.root={data_root}", f"out_dir={out / 'runs'}", "name=sr", "task=sr"]
         )
+        degrade = [f"data.degrade.{k}={v}" for k, v in _degrade_items(sr_cfg)]
+    sr_runs = sr_cfg is not None and any(a in ("sr", "lr+sr") for a in cfg.arms)
+    if sr_runs:
         _stage(stages, "sr", config_hash(sr_cfg), lambda: fit(sr_cfg))
         _stage(stages, "enhance", config_hash(sr_cfg) + str(cfg.enhance_batch),
                lambda: _enhance(sr_cfg, data_root, sr_root, cfg.enhance_batch))  # fmt: skip
-        degrade = [f"data.degrade.{k}={v}" for k, v in _degrade_items(sr_cfg)]
-    else:
-        sr_cfg, degrade = None, []
 
     for arm in cfg.arms:
         for seed in cfg.seeds:
@@ -180,7 +184,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if info.is_main:
         from trainer.report import build_report
 
-        build_report(cfg, out, read_index(data_root), sr_cfg)
+        build_report(cfg, out, read_index(data_root), sr_cfg if sr_runs else None)
         print0(f"\n[pipeline] report: {report_path.resolve()}")
     _barrier()
     return report_path
