@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -80,3 +81,31 @@ def test_saved_config_round_trips_and_hash_is_stable(tmp_path):
     assert "lr: 0.5" in dump_config(cfg)
     assert config_hash(cfg) == config_hash(load_config(Root, path))
     assert config_hash(cfg) != config_hash(load_config(Root, path, ["seed=1"]))
+
+
+# ------------------------------------------------------------ every shipped config is valid
+
+_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", _CONFIGS, ids=[p.name for p in _CONFIGS])
+def test_every_shipped_config_loads_and_checks(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A config is a pipeline (arms), a search (space) or a trainer run (task); each loads with
+    # its own loader, and a pipeline's stage configs load with their overrides too.
+    import yaml
+
+    from trainer.config import load_train_config
+    from trainer.pipeline import load_pipeline_config, trainer_config
+    from tune.config import load_search_config
+
+    monkeypatch.chdir(path.parents[1])  # stage configs are named relative to the repo root
+    doc = yaml.safe_load(path.read_text())
+    if "arms" in doc:
+        cfg = load_pipeline_config(str(path), [])
+        trainer_config(cfg.classify, [])
+        if cfg.sr.config:
+            assert trainer_config(cfg.sr, []).task == "sr"
+    elif "space" in doc:
+        load_search_config(path)
+    else:
+        load_train_config(str(path), [])
