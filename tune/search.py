@@ -265,7 +265,8 @@ def _cwd(folder: Path) -> Iterator[None]:
     Under ``ray job submit`` the driver starts in the job's unpacked ``working_dir``, and Ray's
     runtime-env agent may replace that folder while it starts the trials' workers, which leaves
     the driver in a deleted directory: Tune's final ``os.path.abspath`` then fails with a
-    FileNotFoundError that names no file. Every path of a search is absolute by now.
+    FileNotFoundError that names no file. The driver uses only absolute paths from here on
+    (the experiment folder, its inputs); trials run in their own processes.
     """
     before = None
     with contextlib.suppress(FileNotFoundError):
