@@ -211,13 +211,15 @@ def build_report(
     return out / "report.html"
 
 
-def _fmt(ms: tuple[float, float]) -> str:
-    return f"{ms[0]:.3f} ± {ms[1]:.3f}"
+def _fmt(ms: tuple[float, float], seeds: int) -> str:
+    # One seed has no spread: show the value alone rather than a made-up "± 0.000".
+    return f"{ms[0]:.3f} ± {ms[1]:.3f}" if seeds > 1 else f"{ms[0]:.3f}"
 
 
 def _tables(res: dict[str, Any]) -> tuple[list[list[str]], list[list[str]], list[list[str]]]:
     arms = [["arm", *SUMMARY]] + [
-        [a, *(_fmt(v["summary"][k]) for k in SUMMARY)] for a, v in res["arms"].items()
+        [a, *(_fmt(v["summary"][k], len(v["seeds"])) for k in SUMMARY)]
+        for a, v in res["arms"].items()
     ]
     comps = [["comparison", "Δ accuracy", "95% CI", "McNemar p per seed (Holm)"]]
     for c in res["comparisons"]:
