@@ -306,6 +306,36 @@ def test_trial_that_crashes_once_is_retried_from_its_checkpoint(
     assert list(history["epoch"]) == [0, 1, 2]
 
 
+# ---------------------------------------------------------------------------------- Optuna TPE
+
+
+def test_optuna_tpe_search_proposes_trials_in_the_space(
+    tmp_path: Path, shards: Path, local_ray: None
+) -> None:
+    from tune.config import load_search_config
+    from tune.search import _search_alg, prepare, run_search
+
+    path = _write_search(
+        tmp_path,
+        str(shards),
+        {
+            "optim.lr": {"loguniform": [1.0e-4, 1.0e-2]},
+            "sched.name": {"choice": ["cosine", "step"]},
+        },
+        trainer={"train.epochs": 1},
+        num_samples=3,
+        scheduler={"name": "fifo"},
+        search={"name": "optuna", "seed": 0},
+    )
+    search = load_search_config(path)
+    sampler = _search_alg(prepare(search))._sampler
+    assert type(sampler).__name__ == "TPESampler"
+    frame = _results(run_search(search))
+    assert frame["trial_id"].nunique() == 3 and set(frame["status"]) == {"TERMINATED"}
+    assert frame["optim.lr"].between(1.0e-4, 1.0e-2).all() and frame["optim.lr"].nunique() == 3
+    assert set(frame["sched.name"]) <= {"cosine", "step"}
+
+
 # ------------------------------------------------------------------------------ PBT mutations
 
 
@@ -330,7 +360,7 @@ def test_pbt_mutations_take_effect_in_the_exploiting_trial(
             "perturbation_interval": 1,
             "quantile_fraction": 0.5,
             "synch": True,
-        },  # fmt: skip
+        },
         search={"name": "random", "seed": 3},
     )
     experiment = run_search(load_search_config(path))

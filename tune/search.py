@@ -137,9 +137,10 @@ def _scheduler(prep: Prepared) -> Any:
 def _search_alg(prep: Prepared) -> Any:
     a = prep.search.search
     if a.name == "optuna":
+        from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=a.seed)
+        return OptunaSearch(sampler=TPESampler(seed=a.seed))
     from ray.tune.search import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=a.seed)
