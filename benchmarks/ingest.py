@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shards.config import load_config
-from shards.ingest import IngestConfig, ingest
+from shards.ingest import ingest
+from shards.ingest_config import IngestConfig
+from srmri.config import load_config
 
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from shards.config import load_config
 from shards.degrade import DegradeConfig, degrade
 from shards.enhance import EnhanceSpec, enhance
-from shards.ingest import IngestConfig, ingest
+from shards.ingest import ingest
+from shards.ingest_config import IngestConfig
+from srmri.config import load_config
 from trainer.srnet import count_parameters, create_sr_model
 
 
@@ -72,7 +73,7 @@ def main() -> None:
             only = model_rate(net, lr, args.batch)
             spec = EnhanceSpec(cfg, 0, preset, args.batch)
             t = time.perf_counter()
-            enhance(data, work / f"sr-{preset}", net, spec, torch.device("cpu"))
+            enhance(data, work / f"sr-{preset}", net, spec, device=torch.device("cpu"))
             end_to_end = args.n / (time.perf_counter() - t)
             rows.append((preset, count_parameters(net), train, only, end_to_end))
     finally:

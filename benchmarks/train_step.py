@@ -130,7 +130,7 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
     torch.set_num_threads(1)
-    from trainer.distributed import cleanup, init_distributed
+    from srmri.distributed import cleanup, init_distributed
 
     init_distributed("cpu")
     batches = _batches(args.steps, args.batch, args.size, seed=rank)

@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     base_path = _base(root, work, args)
 
-    from shards.config import config_to_dict, load_config
+    from srmri.config import config_to_dict, load_config
+    from srmri.distributed import cleanup
     from trainer.config import TrainConfig
-    from trainer.distributed import cleanup
     from trainer.loop import fit
     from tune.space import trial_config
 

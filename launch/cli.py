@@ -20,11 +20,13 @@ COMMANDS = {
     "trainer": "trainer.__main__",
     "tune": "tune.cli",
     "launch": "launch.commands",
-    "pipeline": "trainer.pipeline",
+    "pipeline": "trainer.experiment.pipeline",
+    "enhance": "trainer.experiment.enhance",
 }
-USAGE = """usage: srmri {pipeline,shards,trainer,tune,launch,quickstart} ...
+USAGE = """usage: srmri {pipeline,enhance,shards,trainer,tune,launch,quickstart} ...
 
   pipeline    the paper's experiment end to end: data, SR, enhance, classifiers, report
+  enhance     super-resolve a shard set with a trained SR model
   shards      preprocess scans into WebDataset shards (python -m shards)
   trainer     train, evaluate, predict, export (python -m trainer)
   tune        Ray Tune hyperparameter searches (python -m tune)
@@ -35,10 +37,8 @@ USAGE = """usage: srmri {pipeline,shards,trainer,tune,launch,quickstart} ...
 
 def quickstart() -> int:
     """The README's main job: the whole pipeline on the built-in synthetic data."""
-    from trainer.pipeline import main as pipeline_main
-
     config = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
-    return pipeline_main(["--config", str(config)])
+    return main(["pipeline", "--config", str(config)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

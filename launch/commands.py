@@ -21,7 +21,7 @@ from launch.local import LocalOptions, run_local
 from launch.program import parse_program
 from launch.ray_job import RayOptions, ray_job_command, run_ray
 from launch.slurm import SlurmOptions, run_slurm
-from shards.config import ConfigError, config_from_dict
+from srmri.config import ConfigError, config_from_dict
 
 __all__ = ["main"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from launch.local import LocalOptions, gpu_count, local_command
 from launch.program import Program, free_port, quote
-from shards.config import require
+from srmri.config import require
 
 __all__ = [
     "DeepSpeedOptions",
@@ -65,7 +65,7 @@ def parse_hosts(text: str) -> list[tuple[str, int]]:
     """Read ``h1:4,h2:4`` into ``[("h1", 4), ("h2", 4)]``.
 
     Raises:
-        shards.config.ConfigError: On an entry without ``:SLOTS`` or with a bad slot count.
+        srmri.config.ConfigError: On an entry without ``:SLOTS`` or with a bad slot count.
     """
     hosts = []
     for entry in filter(None, (e.strip() for e in text.split(","))):

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from launch.program import Program, free_port, quote
-from shards.config import require
+from srmri.config import require
 
 __all__ = [
     "LocalOptions",

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from launch.program import Program, quote
-from shards.config import require
+from srmri.config import require
 
 __all__ = [
     "RayOptions",

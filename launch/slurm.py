@@ -19,7 +19,8 @@ from string import Template
 
 from launch.local import torchrun_command
 from launch.program import Program, quote
-from shards.config import require
+from srmri.config import require
+from srmri.exitcodes import REQUEUE
 
 __all__ = ["SlurmOptions", "job_dirs", "render_sbatch", "run_slurm", "submit_sbatch"]
 
@@ -202,7 +203,7 @@ def render_sbatch(options: SlurmOptions, program: Program, cwd: Path | None = No
         The script text.
 
     Raises:
-        shards.config.ConfigError: A program that is not spread over ranks with ``--nodes`` > 1.
+        srmri.config.ConfigError: A program that is not spread over ranks with ``--nodes`` > 1.
     """
     workdir, output_dir = job_dirs(options, cwd)
     require(
@@ -232,10 +233,8 @@ def render_sbatch(options: SlurmOptions, program: Program, cwd: Path | None = No
     sig = _SIGNAL.match(options.signal).group(1) if options.signal else ""  # type: ignore[union-attr]
     preemptible = bool(options.signal and options.requeue and program.distributed)
     if preemptible:
-        from trainer.preempt import exit_code_for_requeue
-
         warn = _SIGNAL.match(options.signal).group(2)  # type: ignore[union-attr]
-        preemption = _PREEMPTION.substitute(sig=sig, warn=warn, code=exit_code_for_requeue)
+        preemption = _PREEMPTION.substitute(sig=sig, warn=warn, code=REQUEUE)
     else:
         preemption = _NO_PREEMPTION
     port = options.port or "$((20000 + SLURM_JOB_ID % 20000))"

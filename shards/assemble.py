@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shards.config import config_to_dict
 from shards.dedup import duplicate_clusters, thumbnail
 from shards.format import MANIFEST_NAME, SPLITS, DatasetIndex, ShardInfo
 from shards.sources.base import SourceItem
 from shards.split import assign_splits, keys_hash
 from shards.writer import ManifestRow, write_manifest, write_split_shards
+from srmri.config import config_to_dict
 
 if TYPE_CHECKING:
-    from shards.ingest import IngestConfig
+    from shards.ingest_config import IngestConfig
 
 __all__ = ["assemble", "summarize"]
 

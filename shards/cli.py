@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from shards.config import ConfigError, dump_config, load_config
 from shards.sources.base import SourceError
+from srmri.config import ConfigError, dump_config, load_config
 
 __all__ = ["main"]
 
@@ -43,12 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--lesion-contrast", type=float, help="lesion contrast multiplier")
     _common(syn)
     syn.add_argument("args", nargs="*", metavar="key=value", help="config overrides")
-    enh = sub.add_parser("enhance", help="super-resolve a shard set with a trained SR model")
-    enh.add_argument("--checkpoint", required=True, help="SR run dir or checkpoint")
-    enh.add_argument("--out", required=True, help="output folder of the SR shard set")
-    enh.add_argument("--batch-size", type=int, default=16)
-    enh.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    enh.add_argument("input", help="the shard set to enhance (path or URL)")
+    enh = sub.add_parser(
+        "enhance",
+        help="super-resolve with an SR model (runs python -m trainer.experiment enhance)",
+        add_help=False,
+    )
+    enh.add_argument("args", nargs="*", help="the options of python -m trainer.experiment enhance")
     ver = sub.add_parser("verify", help="check shard checksums and counts")
     ver.add_argument("root")
     ins = sub.add_parser("inspect", help="counts per split/class/status and a contact sheet")
@@ -100,7 +101,8 @@ def _overrides(args: argparse.Namespace, synth: bool) -> tuple[list[str], list[s
 
 
 def _run_ingest(args: argparse.Namespace, synth: bool) -> int:
-    from shards.ingest import IngestConfig, ingest
+    from shards.ingest import ingest
+    from shards.ingest_config import IngestConfig
     from shards.inspect import count_table
 
     _, overrides = _overrides(args, synth)
@@ -113,32 +115,27 @@ def _run_ingest(args: argparse.Namespace, synth: bool) -> int:
     return 0
 
 
-def _run_enhance(args: argparse.Namespace) -> int:
-    # The SR model lives in the trainer; only this command needs it, so import it here.
-    import dataclasses
+def _forward_enhance(args: list[str]) -> int:
+    """``shards enhance`` runs the experiment layer's ``enhance`` command, by name.
 
-    from shards.enhance import EnhanceSpec, enhance
-    from trainer.distributed import init_distributed
-    from trainer.sr_task import load_sr_checkpoint
-
-    info = init_distributed(args.device)
-    model, cfg, model_id = load_sr_checkpoint(args.checkpoint, info.device)
-    degrade = dataclasses.replace(cfg.data.degrade, scale=cfg.sr.scale, random_scale=None)
-    spec = EnhanceSpec(degrade, cfg.train.seed, model_id, args.batch_size)
-    index = enhance(args.input, args.out, model, spec, info.device, info.rank, info.world_size)
-    if index is not None:
-        print(f"SR shard set: {args.out} ({len(index.shards)} shards, from {model_id})")
-    return 0
+    The SR model lives above the data plane, which therefore names the command instead of
+    importing it; ``exec`` keeps this process's environment (torchrun's ranks included).
+    """
+    argv = [sys.executable, "-m", "trainer.experiment", "enhance", *args]
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
+    return 2  # not reached
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["enhance"]:  # its options belong to the command it forwards to
+        return _forward_enhance(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command in ("ingest", "synth"):
             return _run_ingest(args, synth=args.command == "synth")
-        if args.command == "enhance":
-            return _run_enhance(args)
         if args.command == "verify":
             from shards.verify import verify
 

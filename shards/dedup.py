@@ -18,7 +18,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from shards.config import require
+from srmri.config import require
 
 __all__ = ["DedupConfig", "duplicate_clusters", "phash", "thumbnail"]
 

@@ -44,7 +44,7 @@ from typing import Final, Literal
 import torch
 import torch.nn.functional as F
 
-from shards.config import require
+from srmri.config import require
 
 __all__ = [
     "EVAL_EPOCH",

@@ -128,6 +128,7 @@ def enhance(
     out: str | Path,
     model: SRModel,
     spec: EnhanceSpec,
+    *,
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,

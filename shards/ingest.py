@@ -16,86 +16,28 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from shards import dedup, split
+from shards import dedup
 from shards.assemble import assemble
-from shards.config import ConfigError, config_hash, require, save_config
 from shards.format import INDEX_NAME, DatasetIndex, read_index, write_index
+from shards.ingest_config import IngestConfig
 from shards.preprocess import PreprocessConfig, preprocess
 from shards.privacy import load_secret, pseudonymize
 from shards.sources import reader_for
 from shards.sources.base import QuarantineError, Slice, SourceItem, make_key
 from shards.synth import SynthConfig, load_synth_item, synth_items
 from shards.writer import ManifestRow
+from srmri.config import ConfigError, config_hash, require, save_config
 
-__all__ = ["IngestConfig", "IngestResult", "ingest"]
+__all__ = ["IngestResult", "ingest"]
 
-KAGGLE_CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
-Source = Literal["kaggle", "folder", "figshare", "nifti", "dicom", "synth"]
 STAGING = ".staging"
-
-
-@dataclass
-class IngestConfig:
-    """Everything that decides the content of a shard set (plus how to compute it).
-
-    Attributes:
-        source: Which reader interprets ``input``.
-        input: Input folder (unused for ``synth``).
-        out: Output folder of the shard set.
-        classes: Class names, in label order.
-        class_map: Folder name -> class name, for trees that name classes differently.
-        labels_csv: Labels table for nifti/dicom (default ``INPUT/labels.csv``).
-        max_slices_per_volume: Axial slices taken from each volume (nifti/dicom).
-        shard_max_count: Samples per shard at most.
-        shard_max_mb: Megabytes per shard at most.
-        workers: Processes for reading and preprocessing (0: all cores).
-        ray_address: Fan the work out as Ray tasks on this cluster ("auto" or host:port).
-        overwrite: Replace an OUT that holds a different data set.
-        secret_file: Key file for patient-id pseudonymisation (default: see shards.privacy).
-    """
-
-    source: Source = "synth"
-    input: str = ""
-    out: str = ""
-    classes: list[str] = field(default_factory=lambda: list(KAGGLE_CLASSES))
-    class_map: dict[str, str] = field(default_factory=dict)
-    labels_csv: str = ""
-    max_slices_per_volume: int = 16
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    split: split.SplitConfig = field(default_factory=split.SplitConfig)
-    dedup: dedup.DedupConfig = field(default_factory=dedup.DedupConfig)
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    shard_max_count: int = 1000
-    shard_max_mb: float = 512.0
-    workers: int = 0
-    ray_address: str = ""
-    overwrite: bool = False
-    secret_file: str = ""
-
-    def check(self) -> None:
-        require(
-            self.source == "synth" or bool(self.input),
-            "input",
-            f"source {self.source!r} needs an INPUT folder",
-        )
-        require(len(self.classes) >= 2, "classes", "need at least two classes")
-        require(len(set(self.classes)) == len(self.classes), "classes", "names must be unique")
-        for folder_name, cls in self.class_map.items():
-            require(
-                cls in self.classes,
-                f"class_map.{folder_name}",
-                f"maps to unknown class {cls!r}; known: {', '.join(self.classes)}",
-            )
-        require(self.shard_max_count >= 1, "shard_max_count", "must be at least 1")
-        require(self.workers >= 0, "workers", "must be 0 (all cores) or more")
-        require(self.max_slices_per_volume >= 1, "max_slices_per_volume", "must be at least 1")
 
 
 @dataclass

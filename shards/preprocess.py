@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from shards.config import require
 from shards.sources.base import QuarantineError
+from srmri.config import require
 
 __all__ = ["PreprocessConfig", "check_slice", "preprocess", "to_gray_float"]
 

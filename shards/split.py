@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shards.config import require
+from srmri.config import require
 
 __all__ = ["SplitConfig", "assign_splits", "keys_hash"]
 

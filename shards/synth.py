@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from shards.config import require
 from shards.sources.base import Slice, SourceItem
+from srmri.config import require
 
 __all__ = [
     "SYNTH_CLASSES",

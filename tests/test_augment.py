@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from shards.config import ConfigError, load_config
+from srmri.config import ConfigError, load_config
 from trainer.augment import AugmentConfig, create_augmentation
 
 NAMES = ("rotation", "hflip", "vflip", "zoom", "shift", "noise", "bias_field", "gibbs", "rician")

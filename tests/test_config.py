@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from shards.config import ConfigError, config_hash, dump_config, load_config, require, save_config
+from srmri.config import ConfigError, config_hash, dump_config, load_config, require, save_config
 
 
 @dataclass
@@ -95,7 +95,7 @@ def test_every_shipped_config_loads_and_checks(path: Path, monkeypatch: pytest.M
     import yaml
 
     from trainer.config import load_train_config
-    from trainer.pipeline import load_pipeline_config, trainer_config
+    from trainer.experiment.pipeline import load_pipeline_config, trainer_config
     from tune.config import load_search_config
 
     monkeypatch.chdir(path.parents[1])  # stage configs are named relative to the repo root

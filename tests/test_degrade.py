@@ -13,7 +13,6 @@ import pytest
 import torch
 from scipy import stats
 
-from shards.config import ConfigError, config_from_dict
 from shards.degrade import (
     EVAL_EPOCH,
     DegradeConfig,
@@ -28,6 +27,7 @@ from shards.degrade import (
     sample_seed,
     upsample_to,
 )
+from srmri.config import ConfigError, config_from_dict
 
 SIZES = [(64, 64), (63, 65), (37, 50)]
 

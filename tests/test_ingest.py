@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from fixtures import (
+from input_trees import (
     add_bad_images,
     make_dicom_series,
     make_figshare_files,
@@ -24,12 +24,13 @@ from fixtures import (
     make_nifti_set,
 )
 
-from shards.config import ConfigError, load_config
 from shards.format import decode_image, read_index
-from shards.ingest import IngestConfig, ingest
+from shards.ingest import ingest
+from shards.ingest_config import IngestConfig
 from shards.inspect import contact_sheet, count_table, read_manifest_rows
 from shards.split import keys_hash
 from shards.verify import verify
+from srmri.config import ConfigError, load_config
 
 SIZE = 64
 

@@ -16,7 +16,7 @@ import pytest
 from launch.commands import main
 from launch.deepspeed_host import hostfile_text, parse_hosts
 from launch.program import Program, parse_program
-from shards.config import ConfigError
+from srmri.config import ConfigError
 
 FIT = ["fit", "--config", "configs/debug.yaml", "data.root=/data/set", "name=run1"]
 

@@ -11,10 +11,10 @@ import textwrap
 import torch.distributed as dist
 from helpers import run_distributed
 
+from srmri.exitcodes import REQUEUE
 from trainer.preempt import (
     Preemption,
     any_rank_requested,
-    exit_code_for_requeue,
     install_preemption_handler,
 )
 
@@ -31,7 +31,7 @@ def test_signal_sets_requested_and_restore_puts_back_the_old_handler() -> None:
     finally:
         state.restore()
     assert signal.getsignal(signal.SIGUSR1) == before
-    assert exit_code_for_requeue == 3
+    assert REQUEUE == 3
 
 
 def test_sigterm_does_not_kill_a_process_that_installed_the_handler() -> None:
@@ -39,14 +39,15 @@ def test_sigterm_does_not_kill_a_process_that_installed_the_handler() -> None:
     code = textwrap.dedent(
         """
         import os, signal, sys
-        from trainer.preempt import install_preemption_handler, exit_code_for_requeue
+        from srmri.exitcodes import REQUEUE
+        from trainer.preempt import install_preemption_handler
         state = install_preemption_handler()
         os.kill(os.getpid(), signal.SIGTERM)
-        sys.exit(exit_code_for_requeue if state.received == signal.SIGTERM else 1)
+        sys.exit(REQUEUE if state.received == signal.SIGTERM else 1)
         """
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == exit_code_for_requeue, done.stderr
+    assert done.returncode == REQUEUE, done.stderr
 
 
 def test_installing_outside_the_main_thread_is_refused() -> None:

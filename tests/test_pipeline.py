@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from shards.format import read_index
-from trainer.pipeline import load_pipeline_config
-from trainer.report import ReportError, collect
+from trainer.experiment.pipeline import load_pipeline_config
+from trainer.experiment.report import ReportError, collect
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "pipeline-smoke.yaml"

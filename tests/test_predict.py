@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from fixtures import brain_image, brain_volume, make_dicom_series
+from input_trees import brain_image, brain_volume, make_dicom_series
 from PIL import Image
 
 from shards.preprocess import PreprocessConfig, preprocess

@@ -1,4 +1,4 @@
-"""Source readers against real files of every format (built by tests/fixtures.py)."""
+"""Source readers against real files of every format (built by tests/input_trees.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import csv
 import shutil
 from pathlib import Path
 
-import fixtures as fx
+import input_trees as fx
 import nibabel as nib
 import numpy as np
 import pydicom

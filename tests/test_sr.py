@@ -113,7 +113,7 @@ def _enhance_ddp(rank: int, world: int, src: str, out: str, stop_after: int) -> 
             return real(*a, **k)
 
         mod._enhance_shard = limited
-    enhance(src, out, net, spec, torch.device("cpu"), rank, world)
+    enhance(src, out, net, spec, device=torch.device("cpu"), rank=rank, world_size=world)
 
 
 def test_enhance_two_processes_every_key_once_and_resumes(shard_root, tmp_path):

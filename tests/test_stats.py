@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from trainer.stats import compare_arms, holm_adjust, mcnemar_exact, mean_std, paired_bootstrap
+from trainer.experiment.stats import (
+    compare_arms,
+    holm_adjust,
+    mcnemar_exact,
+    mean_std,
+    paired_bootstrap,
+)
 
 
 def test_mcnemar_exact_matches_binomial_by_hand():

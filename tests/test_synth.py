@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from shards.config import ConfigError, config_from_dict
 from shards.synth import SynthConfig, SynthRender, load_synth_item, render_synth, synth_items
+from srmri.config import ConfigError, config_from_dict
 
 
 def _samples(cfg: SynthConfig, kind: str, count: int) -> list[int]:

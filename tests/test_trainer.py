@@ -97,7 +97,7 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_config_errors_and_defaults(tmp_path: Path) -> None:
-    from shards.config import ConfigError
+    from srmri.config import ConfigError
     from trainer.config import load_train_config
 
     with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr'.*did you mean 'lr'"):

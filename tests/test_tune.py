@@ -28,7 +28,7 @@ import ray
 import yaml
 from helpers import make_shard_set
 
-from shards.config import ConfigError
+from srmri.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,7 +162,7 @@ def test_cli_reports_bad_space_with_exit_status_2(
 
 def test_search_settings_are_checked(tmp_path: Path, shards: Path) -> None:
     from tune.config import load_search_config
-    from tune.search import prepare
+    from tune.experiment import prepare
 
     ok = {"optim.lr": {"grid": [0.1, 0.01]}}
     path = _write_search(tmp_path, str(shards), ok, search={"name": "optuna"})
@@ -313,7 +313,8 @@ def test_optuna_tpe_search_proposes_trials_in_the_space(
     tmp_path: Path, shards: Path, local_ray: None
 ) -> None:
     from tune.config import load_search_config
-    from tune.search import _search_alg, prepare, run_search
+    from tune.experiment import prepare
+    from tune.search import _search_alg, run_search
 
     path = _write_search(
         tmp_path,

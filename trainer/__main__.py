@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from shards.config import ConfigError
+from srmri.config import ConfigError
 
 __all__ = ["main"]
 
@@ -62,10 +62,10 @@ def _parser() -> argparse.ArgumentParser:
 def _predict(args: argparse.Namespace) -> None:
     import torch
 
-    from shards.config import config_from_dict
     from shards.degrade import degrade, upsample_to
     from shards.format import read_index
     from shards.preprocess import PreprocessConfig
+    from srmri.config import config_from_dict
     from trainer.checkpoint import resolve_checkpoint
     from trainer.export import checkpoint_config, load_fp32_weights
     from trainer.factories import create_model
@@ -103,7 +103,7 @@ def _predict(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one sub-command; returns the exit status (2 on a configuration or input error)."""
     args = _parser().parse_args(_strip_local_rank(sys.argv[1:] if argv is None else argv))
-    from trainer.distributed import cleanup
+    from srmri.distributed import cleanup
 
     try:
         if args.command == "fit":

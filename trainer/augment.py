@@ -22,7 +22,7 @@ from monai.transforms import GibbsNoise, RandBiasField, RandRicianNoise
 from monai.utils import convert_to_tensor
 from torch import Tensor
 
-from shards.config import require
+from srmri.config import require
 
 __all__ = [
     "AugmentConfig",

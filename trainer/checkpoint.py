@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from shards.config import save_config
+from srmri.config import save_config
+from srmri.distributed import barrier
 from trainer.backend import Backend
-from trainer.distributed import barrier
 
 __all__ = [
     "COMPLETE",

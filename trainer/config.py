@@ -1,19 +1,20 @@
 """The trainer's typed configuration tree, loaded from YAML plus ``dotted.key=value`` overrides.
 
 One :class:`TrainConfig` describes a whole run. It is loaded with
-:func:`shards.config.load_config`, checked section by section (each ``check()`` names the key it
+:func:`srmri.config.load_config`, checked section by section (each ``check()`` names the key it
 rejects), printed at start and saved as ``config.yaml`` in the run directory; that file loads back
 unchanged, so a Ray Tune trial or a "best config" is just a YAML file or a set of overrides.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from shards.config import config_hash, load_config, require
 from shards.degrade import DegradeConfig
+from srmri.config import config_hash, load_config, require
 from trainer.augment import AugmentConfig
 from trainer.srnet import SRConfig
 
@@ -296,6 +297,15 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     sr: SRConfig = field(default_factory=SRConfig)
 
+    def sr_degradation(self) -> DegradeConfig:
+        """The degradation the SR stage trains on and ``enhance`` applies.
+
+        ``data.degrade`` at the SR network's own factor (``sr.scale``) and without a random
+        scale: the SR model, ``enhance`` and the ``lr`` arm of a pipeline must see the same LR
+        images, so this is the one place that derives them.
+        """
+        return dataclasses.replace(self.data.degrade, scale=self.sr.scale, random_scale=None)
+
     def check(self) -> None:
         require(bool(self.out_dir), "out_dir", "must be a folder")
         require("/" not in self.name, "name", "must be a plain folder name")
@@ -325,6 +335,6 @@ def load_train_config(
         The checked config.
 
     Raises:
-        shards.config.ConfigError: Naming the file and key on any invalid input.
+        srmri.config.ConfigError: Naming the file and key on any invalid input.
     """
     return load_config(TrainConfig, path, overrides)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from shards.config import config_from_dict
+from srmri.config import config_from_dict
 from trainer.backend import MODULE_FILE
 from trainer.checkpoint import TRAINER_FILE, CheckpointInfo, load_torch_file, resolve_checkpoint
 from trainer.config import TrainConfig
@@ -30,7 +30,7 @@ def checkpoint_config(ckpt: CheckpointInfo) -> TrainConfig:
 
     Raises:
         FileNotFoundError: If the checkpoint has no config.yaml.
-        shards.config.ConfigError: If it is invalid.
+        srmri.config.ConfigError: If it is invalid.
     """
     path = ckpt.path / "config.yaml"
     if not path.is_file():

@@ -22,8 +22,10 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
-from shards.config import dump_config
 from shards.loader import ShardLoader, create_loader
+from srmri.config import dump_config
+from srmri.distributed import DistInfo, broadcast_buffers, init_distributed, print0
+from srmri.exitcodes import REQUEUE
 from trainer.backend import Backend, create_backend
 from trainer.checkpoint import (
     latest_checkpoint,
@@ -35,12 +37,10 @@ from trainer.checkpoint import (
     set_rng_state,
 )
 from trainer.config import TrainConfig, run_dir_of
-from trainer.distributed import DistInfo, broadcast_buffers, init_distributed, print0
 from trainer.factories import LRSchedule, create_optimizer, create_scheduler
 from trainer.preempt import (
     Preemption,
     any_rank_requested,
-    exit_code_for_requeue,
     install_preemption_handler,
 )
 from trainer.rundir import RunDir, scalars
@@ -270,7 +270,7 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
 
 def _exit_for_requeue(step: int) -> None:
     print0(f"pre-empted: checkpoint at step {step} saved; exiting for requeue")
-    raise SystemExit(exit_code_for_requeue)
+    raise SystemExit(REQUEUE)
 
 
 EpochHook = Callable[[dict[str, Any], Path], None]
@@ -396,7 +396,7 @@ def evaluate(
     Returns:
         The task's results.
     """
-    from shards.config import apply_overrides, config_from_dict, config_to_dict
+    from srmri.config import apply_overrides, config_from_dict, config_to_dict
     from trainer.export import checkpoint_config, load_fp32_weights
 
     ckpt = resolve_checkpoint(checkpoint)

@@ -4,7 +4,7 @@ A cluster warns a job before it takes its nodes away: Slurm sends the signal nam
 ``--signal=B:USR1@90`` (forwarded to every rank by the batch script ``python -m launch slurm``
 renders) and SIGTERM before SIGKILL. The handler only sets :attr:`Preemption.requested`; the loop
 then saves a checkpoint at the next step boundary on every rank and exits with
-:data:`exit_code_for_requeue`, and the requeued job resumes from that checkpoint.
+:data:`srmri.exitcodes.REQUEUE`, and the requeued job resumes from that checkpoint.
 
 Ranks may receive the signal at slightly different steps, and a checkpoint is collective, so the
 loop must act on :func:`any_rank_requested` (one tiny all-reduce), not on its own flag alone.
@@ -22,12 +22,8 @@ from typing import Any
 __all__ = [
     "Preemption",
     "any_rank_requested",
-    "exit_code_for_requeue",
     "install_preemption_handler",
 ]
-
-exit_code_for_requeue = 3
-"""Exit status of a run that stopped for pre-emption after writing its checkpoint."""
 
 _Handler = Callable[[int, FrameType | None], Any] | int | None
 

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shards.config import save_config
+from srmri.config import save_config
 
 __all__ = ["RunDir", "scalars", "write_json", "write_predictions"]
 

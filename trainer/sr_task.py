@@ -8,7 +8,6 @@ reconstructions of the same LR images with the same masked PSNR/SSIM code.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,9 +25,9 @@ from shards.degrade import (
     kspace_zero_fill,
     sample_generator,
 )
+from srmri.distributed import all_gather_objects
 from trainer.backend import Backend
 from trainer.config import TrainConfig
-from trainer.distributed import all_gather_objects
 from trainer.metrics import SRMetrics, brain_mask
 from trainer.srnet import create_sr_model
 
@@ -41,7 +40,7 @@ class SRPairTransform:
     """Picklable per-sample transform: HR slice -> (LR input, HR target), patches when training.
 
     Args:
-        degrade_cfg: The degradation (its scale is replaced by ``scale``).
+        degrade_cfg: The degradation at the SR factor (:meth:`TrainConfig.sr_degradation`).
         scale: The SR factor.
         patch_size: HR patch side for training.
         seed: Run seed; training draws from (seed, epoch, key), evaluation from
@@ -52,7 +51,7 @@ class SRPairTransform:
     def __init__(
         self, degrade_cfg: DegradeConfig, scale: int, patch_size: int, seed: int, train: bool
     ) -> None:
-        self.degrade_cfg = dataclasses.replace(degrade_cfg, scale=scale, random_scale=None)
+        self.degrade_cfg = degrade_cfg
         self.scale = scale
         self.patch = patch_size // scale
         self.seed = seed
@@ -133,7 +132,7 @@ class SRTask:
     def transform(self, train: bool) -> SRPairTransform:
         s = self.cfg.sr
         return SRPairTransform(
-            self.cfg.data.degrade, s.scale, s.patch_size, self.cfg.train.seed, train
+            self.cfg.sr_degradation(), s.scale, s.patch_size, self.cfg.train.seed, train
         )
 
     def aligned_roots(self) -> list[str]:

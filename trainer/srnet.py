@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.config import require
+from srmri.config import require
 
 __all__ = ["PRESETS", "SRConfig", "count_parameters", "create_sr_model"]
 

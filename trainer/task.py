@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from srmri.distributed import all_gather_objects
 from trainer.augment import create_augmentation
 from trainer.backend import Backend
 from trainer.config import TrainConfig
-from trainer.distributed import all_gather_objects
 from trainer.factories import create_model
 from trainer.inputs import InputTransform, aligned_roots_for
 from trainer.metrics import ClassificationMetrics

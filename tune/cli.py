@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from shards.config import ConfigError
+from srmri.config import ConfigError
 
 __all__ = ["main"]
 
@@ -56,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             from tune.config import load_search_config
-            from tune.search import prepare, run_search
+            from tune.experiment import prepare
+            from tune.search import run_search
 
             search = load_search_config(args.config, args.overrides)
             if args.check:
@@ -91,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _finished(experiment_dir: Path) -> int:
     """Exit status of a search: 1 if a trial ended in error (after its retries), else 0."""
+    from tune.experiment import load_experiment
     from tune.results import collect
-    from tune.search import load_experiment
 
     frame = collect(load_experiment(experiment_dir))
     failed = sorted(set(frame.loc[frame["status"] == "ERROR", "trial_id"])) if len(frame) else []

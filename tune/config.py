@@ -1,6 +1,6 @@
 """The search's typed configuration tree: base trainer run, search space, scheduler, resources.
 
-A search file is loaded with :func:`shards.config.load_config` like every other srmri config::
+A search file is loaded with :func:`srmri.config.load_config` like every other srmri config::
 
     base:
       config: configs/debug.yaml          # a trainer YAML
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from shards.config import ConfigError, load_config, require
+from srmri.config import ConfigError, load_config, require
 
 __all__ = [
     "BaseSection",

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 if TYPE_CHECKING:
-    from tune.search import Prepared
+    from tune.experiment import Prepared
 
 __all__ = ["plot_metric_curves", "plot_metric_vs_keys"]
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-from shards.config import config_from_dict, config_to_dict, save_config
+from srmri.config import config_from_dict, config_to_dict, save_config
 from trainer.config import TrainConfig
-from tune.search import Prepared, load_experiment
+from tune.experiment import Prepared, load_experiment
 from tune.space import set_dotted
 
 __all__ = ["best_trial", "collect", "summary_table", "write_best", "write_outputs"]
@@ -95,7 +95,7 @@ def collect(prep: Prepared) -> pd.DataFrame:
     """One row per trial and reported epoch: trial id, status, searched values, metrics.
 
     Args:
-        prep: The experiment (see :func:`tune.search.load_experiment`).
+        prep: The experiment (see :func:`tune.experiment.load_experiment`).
 
     Returns:
         The rows, with ``stopped_early`` true for a trial ended before its last epoch.

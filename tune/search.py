@@ -15,9 +15,7 @@ import contextlib
 import dataclasses
 import math
 import os
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,68 +23,18 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
-from shards.config import ConfigError, config_to_dict, save_config
-from trainer.config import TrainConfig
+from srmri.config import ConfigError, config_to_dict, save_config
 from tune.config import (
     BaseSection,
     ExperimentSection,
-    ParamSpec,
     SearchConfig,
-    load_search_config,
 )
-from tune.space import base_config, default_metric, mutations, param_space, validate_space
+from tune.experiment import BASE_FILE, SEARCH_FILE, Prepared, load_experiment, prepare
+from tune.results import write_outputs
+from tune.space import mutations, param_space
 from tune.trainable import TrialSetup, run_trial, trial_dirname
 
-__all__ = [
-    "BASE_FILE",
-    "SEARCH_FILE",
-    "Prepared",
-    "connect",
-    "load_experiment",
-    "prepare",
-    "resume_search",
-    "run_search",
-]
-
-SEARCH_FILE = "search.yaml"
-BASE_FILE = "base.yaml"
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A checked search, ready to hand to Ray Tune.
-
-    Attributes:
-        search: The search config.
-        base: The base trainer config.
-        space: The validated space (values coerced to the trainer's types).
-        metric: Metric the scheduler and the best config use.
-        mode: max or min.
-        experiment_dir: ``experiment.storage/experiment.name``, absolute.
-    """
-
-    search: SearchConfig
-    base: TrainConfig
-    space: dict[str, ParamSpec]
-    metric: str
-    mode: str
-    experiment_dir: Path
-
-
-def prepare(search: SearchConfig) -> Prepared:
-    """Check the search against the trainer config (before Ray starts) and name the experiment.
-
-    Raises:
-        ConfigError: On any invalid key or value of the space, scheduler or search algorithm.
-    """
-    base = base_config(search)
-    space = validate_space(search, base)
-    if search.scheduler.name == "pbt" and search.search.name == "optuna":
-        raise ConfigError("scheduler.name: pbt proposes its own configs; use search.name=random")
-    metric, mode = default_metric(search, base)
-    name = search.experiment.name or f"{base.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    experiment_dir = (Path(search.experiment.storage).expanduser() / name).resolve()
-    return Prepared(search, base, space, metric, mode, experiment_dir)
+__all__ = ["connect", "resume_search", "run_search"]
 
 
 def connect(address: str | None, dashboard: bool = False) -> None:
@@ -228,8 +176,6 @@ def run_search(search: SearchConfig, address: str | None = None, dashboard: bool
     Raises:
         ConfigError: Before any trial starts, on an invalid space or setting.
     """
-    from tune.results import write_outputs
-
     prep = prepare(search)
     if prep.experiment_dir.exists() and any(prep.experiment_dir.glob("experiment_state-*")):
         raise ConfigError(
@@ -281,23 +227,6 @@ def _cwd(folder: Path) -> Iterator[None]:
             os.chdir(before)
 
 
-def load_experiment(experiment_dir: str | Path) -> Prepared:
-    """The prepared search of an existing experiment folder (from its ``search.yaml``).
-
-    Raises:
-        ConfigError: If the folder is not an experiment written by ``tune run``.
-    """
-    d = Path(experiment_dir).expanduser().resolve()
-    if not (d / SEARCH_FILE).is_file():
-        raise ConfigError(
-            f"{d}: not a tune experiment (no {SEARCH_FILE}; was it made by tune run?)"
-        )
-    prep = prepare(load_search_config(d / SEARCH_FILE, [f"base.config={d / BASE_FILE}"]))
-    if prep.experiment_dir != d:  # the folder was moved: follow it
-        prep = Prepared(prep.search, prep.base, prep.space, prep.metric, prep.mode, d)
-    return prep
-
-
 def resume_search(experiment_dir: str | Path, address: str | None = None) -> Path:
     """Continue an interrupted search: finished trials kept, the others resumed or retried.
 
@@ -308,8 +237,6 @@ def resume_search(experiment_dir: str | Path, address: str | None = None) -> Pat
     Returns:
         The experiment folder.
     """
-    from tune.results import write_outputs
-
     prep = load_experiment(experiment_dir)
     if not tune.Tuner.can_restore(str(prep.experiment_dir)):
         raise ConfigError(f"{prep.experiment_dir}: no Ray Tune state to resume from")

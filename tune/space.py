@@ -14,7 +14,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from ray import tune
 
-from shards.config import (
+from srmri.config import (
     ConfigError,
     apply_overrides,
     config_from_dict,

@@ -113,7 +113,7 @@ class _QueueReporter:
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: the process group already exists; ``fit`` joins it."""
-    from shards.config import config_from_dict
+    from srmri.config import config_from_dict
     from trainer.config import TrainConfig
     from trainer.loop import fit
 
@@ -123,7 +123,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
 
 def _fit_here(cfg: Any) -> None:
     """Train in this process with a private one-member process group."""
-    from trainer.distributed import cleanup
+    from srmri.distributed import cleanup
     from trainer.loop import fit
 
     saved = {k: os.environ.pop(k, None) for k in _DIST_ENV}  # a fresh group on a free port
@@ -146,7 +146,7 @@ def _fit_workers(cfg: Any, setup: TrialSetup, trial_dir: Path) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    from shards.config import config_to_dict
+    from srmri.config import config_to_dict
 
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     per_worker = {"CPU": setup.cpus, **({"GPU": setup.gpus} if setup.gpus else {})}

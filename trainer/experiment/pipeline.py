@@ -13,79 +13,27 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch.distributed as dist
 
-from shards.config import config_hash, dump_config, load_config, require, save_config
 from shards.format import read_index
-from shards.ingest import IngestConfig, ingest
-from trainer.config import TrainConfig, load_train_config
-from trainer.distributed import init_distributed, print0
+from shards.ingest import ingest
+from srmri.config import config_hash, dump_config, save_config
+from srmri.distributed import init_distributed, print0
+from trainer.config import TrainConfig, run_dir_of
+from trainer.experiment.config import (
+    PipelineConfig,
+    StageConfig,
+    arm_run_name,
+    load_pipeline_config,
+    trainer_config,
+)
+from trainer.experiment.enhance import enhance_with_checkpoint
+from trainer.experiment.report import build_report
 
-__all__ = ["PipelineConfig", "StageConfig", "run_pipeline"]
-
-Arm = Literal["hr", "lr", "sr", "lr+sr"]
-
-
-@dataclass
-class StageConfig:
-    """A training stage: a trainer YAML plus overrides (the pipeline adds data paths)."""
-
-    config: str = ""
-    overrides: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ReportConfig:
-    """What the report computes.
-
-    Attributes:
-        bootstrap: Bootstrap replicates for the paired confidence intervals.
-        gradcam_per_class: Correct and wrong test samples per class shown with Grad-CAM.
-        pairs: Paired comparisons (a, b) reported as a - b.
-    """
-
-    bootstrap: int = 2000
-    gradcam_per_class: int = 2
-    pairs: list[tuple[str, str]] = field(
-        default_factory=lambda: [("lr+sr", "lr"), ("sr", "lr"), ("hr", "lr")]
-    )
-
-
-@dataclass
-class PipelineConfig:
-    """The whole experiment.
-
-    Attributes:
-        out_dir: Everything goes here: data, runs, report.
-        data: How the data set is made (``source: synth`` is the built-in default).
-        sr: The SR training stage (``task: sr`` trainer config).
-        classify: The classifier stage (``task: classify`` trainer config).
-        arms: Input arms trained and compared.
-        seeds: Classifier seeds per arm.
-        enhance_batch: Batch size of the enhance stage.
-        report: Report settings.
-    """
-
-    out_dir: str = "runs/pipeline"
-    data: IngestConfig = field(default_factory=IngestConfig)
-    sr: StageConfig = field(default_factory=StageConfig)
-    classify: StageConfig = field(default_factory=StageConfig)
-    arms: list[Arm] = field(default_factory=lambda: ["hr", "lr", "sr", "lr+sr"])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    enhance_batch: int = 16
-    report: ReportConfig = field(default_factory=ReportConfig)
-
-    def check(self) -> None:
-        require(bool(self.arms), "arms", "name at least one input arm")
-        require(len(set(self.arms)) == len(self.arms), "arms", "arms must be distinct")
-        require(bool(self.seeds), "seeds", "name at least one seed")
-        require(bool(self.classify.config), "classify.config", "a trainer YAML is required")
-        needs_sr = any(a in ("sr", "lr+sr") for a in self.arms)
-        require(not needs_sr or bool(self.sr.config), "sr.config", "the sr arms need an SR stage")
+__all__ = ["PipelineConfig", "StageConfig", "main", "run_pipeline"]
 
 
 class Stages:
@@ -125,16 +73,6 @@ def _stage(
     stages.mark(name, digest)
 
 
-def trainer_config(stage: StageConfig, extra: list[str]) -> TrainConfig:
-    """The stage's trainer config with the pipeline's own overrides applied last."""
-    return load_train_config(stage.config or None, [*stage.overrides, *extra])
-
-
-def arm_run_name(arm: str, seed: int) -> str:
-    """Run directory name of one classifier (``lr+sr`` becomes ``lr-sr``)."""
-    return f"{arm.replace('+', '-')}-seed{seed}"
-
-
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run (or finish) every stage; returns the path of the HTML report."""
     from trainer.loop import evaluate, fit
@@ -162,9 +100,14 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         degrade = [f"data.degrade.{k}={v}" for k, v in _degrade_items(sr_cfg)]
     sr_runs = sr_cfg is not None and any(a in ("sr", "lr+sr") for a in cfg.arms)
     if sr_runs:
+        sr_run = run_dir_of(sr_cfg)
         _stage(stages, "sr", config_hash(sr_cfg), lambda: fit(sr_cfg))
-        _stage(stages, "enhance", config_hash(sr_cfg) + str(cfg.enhance_batch),
-               lambda: _enhance(sr_cfg, data_root, sr_root, cfg.enhance_batch))  # fmt: skip
+        _stage(
+            stages,
+            "enhance",
+            config_hash(sr_cfg) + str(cfg.enhance_batch),
+            lambda: enhance_with_checkpoint(sr_run, data_root, sr_root, cfg.enhance_batch),
+        )
 
     for arm in cfg.arms:
         for seed in cfg.seeds:
@@ -182,8 +125,6 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
     report_path = out / "report.html"
     if info.is_main:
-        from trainer.report import build_report
-
         build_report(cfg, out, read_index(data_root), sr_cfg if sr_runs else None)
         print0(f"\n[pipeline] report: {report_path.resolve()}")
     _barrier()
@@ -192,7 +133,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
 def _degrade_items(sr_cfg: TrainConfig) -> list[tuple[str, Any]]:
     """The SR stage's degradation as override items, so the lr arm sees the same LR images."""
-    d = dataclasses.replace(sr_cfg.data.degrade, scale=sr_cfg.sr.scale, random_scale=None)
+    d = sr_cfg.sr_degradation()
     items = []
     for f in dataclasses.fields(d):
         value = getattr(d, f.name)
@@ -200,29 +141,12 @@ def _degrade_items(sr_cfg: TrainConfig) -> list[tuple[str, Any]]:
     return items
 
 
-def _enhance(sr_cfg: TrainConfig, data_root: str, sr_root: str, batch: int) -> None:
-    from shards.enhance import EnhanceSpec, enhance
-    from trainer.sr_task import load_sr_checkpoint
-
-    info = init_distributed("auto")
-    run_dir = Path(sr_cfg.out_dir) / sr_cfg.name
-    model, cfg, model_id = load_sr_checkpoint(run_dir, info.device)
-    degrade = dataclasses.replace(cfg.data.degrade, scale=cfg.sr.scale, random_scale=None)
-    spec = EnhanceSpec(degrade, cfg.train.seed, model_id, batch)
-    enhance(data_root, sr_root, model, spec, info.device, info.rank, info.world_size)
-
-
-def load_pipeline_config(path: str | None, overrides: list[str]) -> PipelineConfig:
-    """Load and check a pipeline config (YAML plus dotted overrides)."""
-    return load_config(PipelineConfig, path, overrides)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``srmri pipeline --config FILE [key=value ...]``; returns the exit status."""
     import argparse
     import sys
 
-    from shards.config import ConfigError
+    from srmri.config import ConfigError
 
     parser = argparse.ArgumentParser(prog="srmri pipeline", description=__doc__)
     parser.add_argument("--config", required=True, help="pipeline YAML (configs/quickstart.yaml)")

@@ -26,10 +26,11 @@ from shards.format import DatasetIndex
 from shards.inspect import read_manifest_rows
 from shards.split import keys_hash
 from trainer.config import TrainConfig
-from trainer.stats import compare_arms, mean_std
+from trainer.experiment.config import arm_run_name
+from trainer.experiment.stats import compare_arms, mean_std
 
 if TYPE_CHECKING:
-    from trainer.pipeline import PipelineConfig
+    from trainer.experiment.config import PipelineConfig
 
 __all__ = ["ReportError", "build_report"]
 
@@ -41,8 +42,6 @@ class ReportError(RuntimeError):
 
 
 def _arm_runs(cfg: PipelineConfig, out: Path) -> dict[str, list[Path]]:
-    from trainer.pipeline import arm_run_name
-
     return {arm: [out / "runs" / arm_run_name(arm, s) for s in cfg.seeds] for arm in cfg.arms}
 
 
@@ -182,7 +181,7 @@ def build_report(
     Raises:
         ReportError: If a run's test keys do not hash to the value recorded at ingest.
     """
-    from trainer.gradcam import gradcam_png
+    from trainer.experiment.gradcam import gradcam_png
 
     res = collect(cfg, out, index)
     files = out / "report_files"

@@ -1,0 +1,63 @@
+"""The records the loader hands out: one :class:`Sample` per key, collated into a :class:`Batch`.
+
+These are the data plane's contract with whatever trains on it: every key a transform receives
+and every key a training step may read is listed here, with its type and meaning. A transform
+(run inside the loader's workers) receives a :class:`Sample` and may replace ``image`` or add
+keys of its own (the trainer's are in :mod:`trainer.batch`).
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import torch
+
+__all__ = ["Batch", "Sample"]
+
+
+class Sample(TypedDict, total=False):
+    """One sample, as a per-sample transform receives it.
+
+    Keys:
+        key: The sample's key in the shard set (a keyed hash, never a path).
+        image: The stored (high-resolution) slice, float ``[1,H,W]`` in ``[0, 1]``.
+        label: Class index into the shard set's ``classes`` (-1 where a set has no labels).
+        valid: False for the padding an eval loader adds so that every rank runs the same
+            number of steps; padded samples must not be counted.
+        seed: A per-sample seed derived from (run seed, epoch, key); every random draw of the
+            sample (augmentation, degradation) comes from it, which makes resume exact.
+        epoch: The epoch the sample is drawn for (a fixed eval epoch in eval mode).
+        aligned: Images of the same key from the aligned shard sets (e.g. SR-enhanced), each
+            ``[1,H,W]``, in the order the loader was given their roots.
+    """
+
+    key: str
+    image: torch.Tensor
+    label: int
+    valid: bool
+    seed: int
+    epoch: int
+    aligned: list[torch.Tensor]
+
+
+class Batch(TypedDict, total=False):
+    """A collated batch of :class:`Sample` (``B`` samples on this rank).
+
+    Keys:
+        key: The samples' keys, ``list[str]`` of length ``B``.
+        image: ``[B,1,H,W]`` float.
+        label: ``int64[B]``.
+        valid: ``bool[B]``; False marks eval padding.
+        seed: ``int64[B]`` per-sample seeds.
+        epoch: ``int64[B]``.
+        aligned: Collated aligned images, one ``[B,1,H,W]`` tensor per aligned root (absent
+            when a transform consumed them).
+    """
+
+    key: list[str]
+    image: torch.Tensor
+    label: torch.Tensor
+    valid: torch.Tensor
+    seed: torch.Tensor
+    epoch: torch.Tensor
+    aligned: list[torch.Tensor]
