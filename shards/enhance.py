@@ -11,12 +11,13 @@ matches, and ``index.json`` is written last, by rank 0, once every shard is done
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import webdataset as wds
@@ -36,11 +37,14 @@ from shards.format import (
     write_index,
 )
 from shards.loader import iter_shard
-from shards.writer import ManifestRow, file_sha256, write_manifest
+from shards.writer import ManifestRow, file_sha256, legacy_group_kind, write_manifest
+from srmri.atomic import atomic_path, write_json
 
 __all__ = ["EnhanceSpec", "enhance"]
 
 SRModel = Callable[[torch.Tensor], torch.Tensor]
+# A sample as a shard stores it: its key and the bytes of its members (npy, cls, json).
+RawSample = tuple[str, dict[str, bytes]]
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,9 @@ def _is_done(out: Path, info: ShardInfo) -> bool:
     return done.get("count") == info.count and done.get("sha256") == file_sha256(shard)
 
 
-def _batches(url: str, size: int) -> Iterator[list[tuple[str, dict[str, bytes]]]]:
-    batch: list[tuple[str, dict[str, bytes]]] = []
+def _batches(url: str, size: int) -> Iterator[list[RawSample]]:
+    """The raw samples of one shard, in order, in lists of ``size`` (the last may be short)."""
+    batch: list[RawSample] = []
     for sample in iter_shard(url, 0, frozenset({"npy", "cls", "json"})):
         batch.append(sample)
         if len(batch) == size:
@@ -76,51 +81,68 @@ def _batches(url: str, size: int) -> Iterator[list[tuple[str, dict[str, bytes]]]
         yield batch
 
 
-@torch.no_grad()
 def _enhance_shard(
     src: str, out: Path, info: ShardInfo, model: SRModel, spec: EnhanceSpec, device: torch.device
 ) -> list[ManifestRow]:
-    tmp = out / f".{info.name}.tmp"
+    """Write the SR copy of one shard into ``out``, then its ``.done`` record; returns its rows.
+
+    The shard is written to a temp file and renamed into place only once it is complete and
+    holds the count the index says (a failure leaves no shard), and its ``.done`` record comes
+    after the rename, so a shard that has a record is always whole.
+    """
     rows: list[ManifestRow] = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with wds.TarWriter(str(tmp), mtime=0.0) as sink:
-        for batch in _batches(join_url(src, info.name), spec.batch_size):
-            hr = [torch.from_numpy(from_uint16(decode_image(p["npy"])))[None] for _, p in batch]
-            lr = []
-            for (key, _), image in zip(batch, hr):
-                gen = sample_generator(spec.seed, EVAL_EPOCH, key)
-                lr.append(degrade(image, spec.degrade, gen)[0])
-            with autocast:
-                sr = model(torch.stack(lr).to(device)).float().clamp(0, 1).cpu()
-            for (key, parts), image in zip(batch, sr):
-                meta = json.loads(parts["json"])
-                meta.update(kind="sr", enhanced_by=spec.model_id)
-                u16 = to_uint16(image[0].numpy())
-                label = int(parts["cls"])
-                sink.write(encode_sample(key, u16, label, meta))
-                rows.append(
-                    ManifestRow(
-                        key=key,
-                        source=str(meta.get("source", "")),
-                        source_path="",
-                        slice=meta.get("slice"),
-                        label=label,
-                        class_name=str(meta.get("class_name", "")),
-                        status="ok",
-                        split=info.split,
-                        shard=info.name,
-                        group=str(meta.get("group", "")),
-                    )
-                )
-    if len(rows) != info.count:
-        raise ValueError(f"{src}/{info.name}: read {len(rows)} samples, index says {info.count}")
-    os.replace(tmp, out / info.name)
-    record = _done_path(out, info.name)
-    record.parent.mkdir(exist_ok=True)
+    with atomic_path(out / info.name) as tmp:
+        with wds.TarWriter(str(tmp), mtime=0.0) as sink:
+            for batch in _batches(join_url(src, info.name), spec.batch_size):
+                for key, u16, label, meta in _enhance_batch(batch, model, spec, device):
+                    sink.write(encode_sample(key, u16, label, meta))
+                    rows.append(_row(key, label, meta, info))
+        if len(rows) != info.count:
+            raise ValueError(
+                f"{src}/{info.name}: read {len(rows)} samples, index says {info.count}"
+            )
     payload = {"count": len(rows), "sha256": file_sha256(out / info.name)}
     payload["rows"] = [asdict(r) for r in rows]
-    record.write_text(json.dumps(payload))
+    write_json(_done_path(out, info.name), payload, indent=None)
     return rows
+
+
+@torch.no_grad()
+def _enhance_batch(
+    batch: list[RawSample], model: SRModel, spec: EnhanceSpec, device: torch.device
+) -> Iterator[tuple[str, np.ndarray, int, dict[str, Any]]]:
+    """Degrade and super-resolve a batch; yields ``(key, uint16 SR image, label, meta)``."""
+    hr = [torch.from_numpy(from_uint16(decode_image(p["npy"])))[None] for _, p in batch]
+    lr = []
+    for (key, _), image in zip(batch, hr):
+        gen = sample_generator(spec.seed, EVAL_EPOCH, key)
+        lr.append(degrade(image, spec.degrade, gen)[0])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        sr = model(torch.stack(lr).to(device)).float().clamp(0, 1).cpu()
+    for (key, parts), image in zip(batch, sr):
+        meta = json.loads(parts["json"])
+        meta.update(kind="sr", enhanced_by=spec.model_id)
+        yield key, to_uint16(image[0].numpy()), int(parts["cls"]), meta
+
+
+def _row(key: str, label: int, meta: dict[str, Any], info: ShardInfo) -> ManifestRow:
+    """The SR set's manifest row of one sample, from the sample's metadata."""
+    group = str(meta.get("group", ""))
+    return ManifestRow(
+        key=key,
+        source=str(meta.get("source", "")),
+        source_path="",
+        slice=meta.get("slice"),
+        label=label,
+        class_name=str(meta.get("class_name", "")),
+        status="ok",
+        split=info.split,
+        shard=info.name,
+        group=group,
+        # Shards written before the kind was stored carry only the group.
+        group_kind=str(meta.get("group_kind") or legacy_group_kind(group)),
+    )
 
 
 def enhance(

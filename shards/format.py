@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from srmri.atomic import atomic_path
+
 __all__ = [
     "FORMAT",
     "INDEX_NAME",
@@ -142,12 +144,11 @@ def read_index(root: str | Path) -> DatasetIndex:
 def write_index(root: str | Path, index: DatasetIndex) -> Path:
     """Write ``index.json`` atomically (temp file, fsync, rename); returns its path."""
     p = Path(root) / INDEX_NAME
-    tmp = p.with_name(f".{INDEX_NAME}.tmp")
-    with open(tmp, "w") as fh:
+    with atomic_path(p) as tmp, open(tmp, "w") as fh:
         fh.write(index.to_json())
+        # The index marks the set finished, so its bytes must be on disk before it appears.
         fh.flush()
         os.fsync(fh.fileno())
-    tmp.replace(p)
     return p
 
 

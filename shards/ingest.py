@@ -32,7 +32,8 @@ from shards.privacy import load_secret, pseudonymize
 from shards.sources import reader_for
 from shards.sources.base import QuarantineError, Slice, SourceItem, make_key
 from shards.synth import SynthConfig, load_synth_item, synth_items
-from shards.writer import ManifestRow
+from shards.writer import GROUP_PATIENT, GROUP_SAMPLE, ManifestRow, read_manifest_rows
+from srmri.atomic import write_bytes, write_text
 from srmri.config import ConfigError, config_hash, require, save_config
 
 __all__ = ["IngestResult", "ingest"]
@@ -55,8 +56,6 @@ class IngestResult:
 class _Context:
     """What a worker needs to process an item (picklable, small)."""
 
-    source: str
-    classes: tuple[str, ...]
     preprocess: PreprocessConfig
     synth: SynthConfig
     secret: bytes
@@ -108,9 +107,11 @@ def _process(item: SourceItem, ctx: _Context) -> tuple[list[dict[str, Any]], lis
     for sl in slices:
         key = make_key(item.source, item.rel_path, sl.index)
         label = item.label if item.label is not None else sl.label
-        group = pseudonymize(sl.patient, ctx.secret) if sl.patient else f"k{key}"
         rec = {**base, "key": key, "slice": sl.index, "label": -1 if label is None else label}
-        rec["group"] = group
+        if sl.patient:
+            rec.update(group=pseudonymize(sl.patient, ctx.secret), group_kind=GROUP_PATIENT)
+        else:  # no patient id: the slice is its own group
+            rec.update(group=f"k{key}", group_kind=GROUP_SAMPLE)
         try:
             if label is None:
                 raise QuarantineError("no_label: the input carries no class label")
@@ -232,24 +233,16 @@ def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> IngestResul
     dataset_id = _fingerprint(cfg, items)
     if _prepare_out(out, dataset_id, cfg.overwrite):
         log(f"{out} already holds this finished data set ({dataset_id}); nothing to do")
-        from shards.inspect import read_manifest_rows
-
         return IngestResult(out, read_index(out), read_manifest_rows(out), skipped=True)
     stage = out / STAGING
     (stage / "items").mkdir(parents=True, exist_ok=True)
-    (stage / "dataset_id").write_text(dataset_id)
+    write_text(stage / "dataset_id", dataset_id)
     journal_path = stage / "journal.jsonl"
     done = _read_journal(journal_path)
     todo = [it for it in items if it.rel_path not in done]
     if done:
         log(f"resuming: {len(done)} of {len(items)} inputs already processed")
-    ctx = _Context(
-        cfg.source,
-        tuple(cfg.classes),
-        cfg.preprocess,
-        cfg.synth,
-        load_secret(cfg.secret_file or None),
-    )
+    ctx = _Context(cfg.preprocess, cfg.synth, load_secret(cfg.secret_file or None))
     fn = functools.partial(_process, ctx=ctx)
     if cfg.source == "synth" and todo and (cfg.workers or os.cpu_count() or 1) > 1:
         _load(todo[0], ctx)  # load the template once here, before the workers fork
@@ -260,10 +253,7 @@ def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> IngestResul
         ):
             ok = [r for r in records if r["status"] == "ok"]
             for rec, raw in zip(ok, pixels):
-                dest = stage / "items" / f"{rec['key']}.u16"
-                tmp = dest.with_suffix(".tmp")
-                tmp.write_bytes(raw)
-                os.replace(tmp, dest)
+                write_bytes(stage / "items" / f"{rec['key']}.u16", raw)
             journal.write(json.dumps({"item": item.rel_path, "records": records}) + "\n")
             journal.flush()
             done[item.rel_path] = records

@@ -11,19 +11,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import pyarrow.parquet as pq
 
-from shards.format import MANIFEST_NAME, decode_image, from_uint16, read_index
+from shards.format import decode_image, from_uint16, read_index
 from shards.loader import iter_shard
-from shards.writer import MANIFEST_SCHEMA, ManifestRow
+from shards.writer import read_manifest_rows
+from srmri.atomic import write_bytes
 
+# read_manifest_rows lives beside the manifest's writer; it is also part of inspecting a set.
 __all__ = ["contact_sheet", "count_table", "read_manifest_rows"]
-
-
-def read_manifest_rows(root: str | Path) -> list[ManifestRow]:
-    """All rows of a set's ``manifest.parquet`` as :class:`ManifestRow` objects."""
-    table = pq.read_table(Path(root) / MANIFEST_NAME).to_pylist()
-    return [ManifestRow(**{k: row[k] for k in MANIFEST_SCHEMA.names}) for row in table]
 
 
 def count_table(root: str | Path) -> str:
@@ -101,7 +96,5 @@ def contact_sheet(root: str | Path, out: str | Path | None = None, per_class: in
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    write_bytes(path, buf.getvalue())
     return path

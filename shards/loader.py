@@ -39,10 +39,12 @@ from webdataset.tariterators import base_plus_ext
 
 from shards.degrade import sample_seed
 from shards.format import DatasetIndex, ShardInfo, decode_image, join_url, read_index
+from shards.sample import Batch, Sample
 
 __all__ = ["ShardLoader", "create_loader", "iter_shard"]
 
-Transform = Callable[[dict[str, Any]], dict[str, Any]]
+# Runs in the workers on every sample; see shards.sample for the keys it receives.
+Transform = Callable[[Sample], Sample]
 _STATE_CHECKS = ("seed", "world_size", "num_workers", "batch_size", "mode", "split")
 _WANTED = frozenset({"npy", "cls"})
 _INV_U16 = np.float32(1.0 / 65535.0)
@@ -223,7 +225,7 @@ class _PlanDataset(IterableDataset):
         self.transform = loader.transform
         self.sample_epoch = plan.epoch if self.shuffle else -1
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         plan = self.plan
         block = ((info.id if info else 0) + plan.rotation) % len(plan.blocks)
@@ -296,11 +298,12 @@ class _PlanDataset(IterableDataset):
             for s in streams:
                 s.close()
 
-    def _sample(self, key: str, parts: list[dict[str, bytes]], valid: bool) -> dict[str, Any]:
+    def _sample(self, key: str, parts: list[dict[str, bytes]], valid: bool) -> Sample:
+        """Decode one sample (and its aligned images) and apply the transform."""
         if "cls" not in parts[0]:
             raise ValueError(f"sample {key!r} has no .cls (has {sorted(parts[0])})")
         images = [self._image(p, key) for p in parts]
-        sample: dict[str, Any] = {
+        sample: Sample = {
             "key": key,
             "image": images[0],
             "label": int(parts[0]["cls"]),
@@ -434,7 +437,7 @@ class ShardLoader:
             raise ValueError(f"loader state batches_done={done} is outside 0..{len(self)}")
         self._epoch, self._batches_done, self._resume = int(state["epoch"]), done, True
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         start = self._batches_done if self._resume else 0
         self._batches_done, self._resume = start, False
         if start >= len(self):
@@ -523,17 +526,16 @@ def create_loader(
         num_workers: DataLoader worker processes (0: read in this process).
         rank: This rank; default from torch.distributed if initialized, else 0.
         world_size: Number of ranks; default from torch.distributed if initialized, else 1.
-        transform: Per-sample function run inside the workers; it receives ``{"key", "image"
-            [1,H,W] float in [0,1], "label", "valid", "seed", "epoch", "aligned"}`` and returns
-            the sample (it may add or replace tensor entries).
+        transform: Per-sample function run inside the workers; it receives a
+            :class:`shards.sample.Sample` and returns it (it may add or replace tensor entries).
         shuffle_chunk: Samples shuffled together within a worker (train mode).
         aligned_roots: Other shard sets with the identical layout (e.g. SR-enhanced); their
-            images arrive as ``sample["aligned"]``, a list of [1,H,W] tensors.
+            images arrive as the sample's ``aligned``.
         pin_memory: Pin batches in page-locked memory (for CUDA training).
 
     Returns:
-        The loader; iterate it for one epoch's batches ``{"key": list[str], "image":
-        [B,1,H,W], "label": int64[B], "valid": bool[B], "seed", "epoch", "aligned", ...}``.
+        The loader; iterate it for one epoch's batches, each a :class:`shards.sample.Batch`
+        (plus whatever keys the transform added).
 
     Raises:
         FileNotFoundError: If ``root`` or an aligned root has no ``index.json``.

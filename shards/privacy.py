@@ -12,6 +12,8 @@ import os
 import secrets
 from pathlib import Path
 
+from srmri.atomic import write_bytes_once
+
 __all__ = ["default_secret_path", "load_secret", "pseudonymize"]
 
 
@@ -36,17 +38,8 @@ def load_secret(path: str | Path | None = None) -> bytes:
         if len(key) < 16:
             raise ValueError(f"{p}: secret key file is too short ({len(key)} bytes); delete it")
         return key
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(secrets.token_bytes(32))
-    try:
-        os.link(tmp, p)  # atomic and never replaces a key another process created meanwhile
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
+    # Never replaces a key another process created meanwhile: both then use the same key.
+    write_bytes_once(p, secrets.token_bytes(32), mode=0o600)
     return p.read_bytes()
 
 

@@ -407,12 +407,23 @@ def _paint(
     image: np.ndarray,
     coords: np.ndarray,
     pulled: np.ndarray,
+    *,
     lesion: _Lesion,
     radius: float,
     fine: np.ndarray,
     contrast: float,
 ) -> np.ndarray:
-    """Draw the lesion into ``image`` in place; returns its alpha (how much is tumour)."""
+    """Draw the lesion into ``image`` in place; returns its alpha (how much is tumour).
+
+    Args:
+        image: The slice (before contrast curve and bias), drawn into in place.
+        coords: Template coordinates of each pixel before the mass effect, ``[2,H,W]``.
+        pulled: The same after the mass effect (:func:`_push`), ``[2,H,W]``.
+        lesion: The subject's lesion.
+        radius: The lesion's radius in this slice (its 3-D radius cut at the slice's level).
+        fine: Unit-variance fine texture of the slice, ``[H,W]``.
+        contrast: Multiplier of the lesion's contrast (``lesion_contrast``).
+    """
     offset = coords - np.array(lesion.centre, dtype=np.float32)[:, None, None]
     dist = np.hypot(offset[0], offset[1])
     alpha = np.zeros_like(image)
@@ -540,7 +551,15 @@ def render_synth(cfg: SynthConfig, index: int, label: int, lesion: bool = True) 
     sigma = cfg.noise * float(image.max()) ** anatomy.gamma * float(anatomy.bias.max())
     mask = np.zeros(shape, dtype=bool)
     if painted and radius > 0:
-        alpha = _paint(image, coords, pulled, tumour, radius, fine, cfg.lesion_contrast)
+        alpha = _paint(
+            image,
+            coords,
+            pulled,
+            lesion=tumour,
+            radius=radius,
+            fine=fine,
+            contrast=cfg.lesion_contrast,
+        )
         mask = alpha > 0.5
     image = np.power(image, anatomy.gamma, dtype=np.float32) * anatomy.bias
     image = np.hypot(image + sigma * noise[0], sigma * noise[1]).astype(np.float32)

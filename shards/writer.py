@@ -1,4 +1,4 @@
-"""Writing a finished shard set: tar shards, ``manifest.parquet``, ``config.yaml``, ``index.json``.
+"""Writing a finished shard set: tar shards and ``manifest.parquet`` (whose rows it also reads).
 
 Everything is first written inside a staging folder and moved into place by rename; the index,
 which marks the set as finished, is written last. A crash at any point therefore never leaves a
@@ -8,7 +8,6 @@ set that looks finished, and re-running redoes only the cheap writing step.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +18,51 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from shards.format import MANIFEST_NAME, SPLITS, ShardInfo, encode_sample
+from srmri.atomic import atomic_path
 
-__all__ = ["MANIFEST_SCHEMA", "ManifestRow", "file_sha256", "write_manifest", "write_split_shards"]
+__all__ = [
+    "GROUP_PATIENT",
+    "GROUP_SAMPLE",
+    "MANIFEST_SCHEMA",
+    "ManifestRow",
+    "file_sha256",
+    "legacy_group_kind",
+    "read_manifest_rows",
+    "write_manifest",
+    "write_split_shards",
+]
+
+
+GROUP_PATIENT = "patient"
+GROUP_SAMPLE = "sample"
 
 
 @dataclass
 class ManifestRow:
-    """One input (or one slice of a volume) in ``manifest.parquet``; quarantined ones too."""
+    """One input (or one slice of a volume) in ``manifest.parquet``; quarantined ones too.
+
+    Attributes:
+        key: The sample's key (a hash of the input's relative path and slice; no identifier).
+        source: The source reader that read it (``kaggle``, ``nifti``, ``synth``, ...).
+        source_path: The input's path relative to the ingest's INPUT folder.
+        slice: Axial slice index within a volume; None for 2-D inputs.
+        label: Class index into the set's classes; -1 when unknown.
+        class_name: Name of the class (empty when the label is unknown).
+        status: ``ok`` (stored in a shard), ``quarantined`` or ``duplicate_removed``.
+        reason: Why a row is not ``ok`` (``slug: details``); empty for ``ok`` rows.
+        split: ``train``, ``val`` or ``test`` for usable rows; empty otherwise.
+        shard: The tar shard holding the sample; empty when it is in none.
+        group: What the split keeps together: a pseudonymised patient id or, without one, the
+            sample's own ``k<key>``; empty for inputs quarantined before a slice was read.
+        group_kind: What ``group`` is: ``patient`` (a pseudonymised patient id) or ``sample``
+            (no patient id, each sample its own group); empty when ``group`` is.
+        sha256: sha256 of the stored uint16 pixels (exact-duplicate detection).
+        phash: Perceptual hash of the stored image (near-duplicate detection).
+        duplicate_of: Key of the row this one duplicates; empty when it is no duplicate.
+        duplicate_kind: ``exact`` or ``near`` for duplicates; empty otherwise.
+        leakage: Whether the row's duplicate cluster spans more than one split.
+        steps: The preprocessing steps applied (stored in the sample's JSON, not the manifest).
+    """
 
     key: str
     source: str
@@ -33,17 +70,30 @@ class ManifestRow:
     slice: int | None
     label: int
     class_name: str
-    status: str  # ok | quarantined | duplicate_removed
+    status: str
     reason: str = ""
     split: str = ""
     shard: str = ""
     group: str = ""
+    group_kind: str = ""
     sha256: str = ""
     phash: str = ""
     duplicate_of: str = ""
-    duplicate_kind: str = ""  # "", exact, near
+    duplicate_kind: str = ""
     leakage: bool = False
     steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def legacy_group_kind(group: str) -> str:
+    """The ``group_kind`` of a record written before that column existed, from its group.
+
+    Older manifests (and shard metadata, and staged journals) only carry the group, whose
+    prefix told the kind: ``k<key>`` for a sample without a patient id, anything else for a
+    pseudonymised patient.
+    """
+    if not group:
+        return ""
+    return GROUP_SAMPLE if group.startswith("k") else GROUP_PATIENT
 
 
 MANIFEST_SCHEMA = pa.schema(
@@ -59,6 +109,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("split", pa.string()),
         ("shard", pa.string()),
         ("group", pa.string()),
+        ("group_kind", pa.string()),
         ("sha256", pa.string()),
         ("phash", pa.string()),
         ("duplicate_of", pa.string()),
@@ -81,6 +132,7 @@ def write_split_shards(
     stage: Path,
     split: str,
     rows: Sequence[ManifestRow],
+    *,
     load_image: Callable[[str], Any],
     meta_extra: dict[str, Any],
     max_count: int,
@@ -117,6 +169,7 @@ def write_split_shards(
                 "class_name": row.class_name,
                 "split": split,
                 "group": row.group,
+                "group_kind": row.group_kind,
                 "source": row.source,
                 "slice": row.slice,
                 "steps": row.steps,
@@ -139,6 +192,25 @@ def write_manifest(path: Path, rows: Sequence[ManifestRow], metadata: dict[str, 
     columns = {name: [getattr(r, name) for r in rows] for name in MANIFEST_SCHEMA.names}
     table = pa.table(columns, schema=MANIFEST_SCHEMA)
     table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_manifest_rows(root: str | Path) -> list[ManifestRow]:
+    """All rows of a set's ``manifest.parquet`` as :class:`ManifestRow` objects.
+
+    A manifest written before a column existed still reads: ``group_kind`` is then derived
+    from the group (:func:`legacy_group_kind`); other missing columns keep their defaults.
+
+    Args:
+        root: The shard set's folder.
+
+    Returns:
+        The rows, in manifest order.
+    """
+    table = pq.read_table(Path(root) / MANIFEST_NAME).to_pylist()
+    rows = [ManifestRow(**{k: row[k] for k in MANIFEST_SCHEMA.names if k in row}) for row in table]
+    for r in rows:
+        if not r.group_kind:
+            r.group_kind = legacy_group_kind(r.group)
+    return rows

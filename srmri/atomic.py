@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_bytes", "write_json", "write_text"]
+__all__ = ["atomic_path", "write_bytes", "write_bytes_once", "write_json", "write_text"]
 
 
 @contextlib.contextmanager
@@ -42,6 +42,37 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def write_bytes_once(path: str | Path, data: bytes, *, mode: int = 0o644) -> bool:
+    """Create ``path`` holding ``data`` unless it already exists; an existing file is kept.
+
+    The temp file is created with ``mode`` (before any byte is written, so a private key is
+    never readable by others) and hard-linked onto the target: the link is atomic and fails if
+    the target exists, so of two processes racing to create the file exactly one wins and both
+    then read the same, whole content.
+
+    Args:
+        path: The file to create; its parent folder is created.
+        data: Its content.
+        mode: Permission bits of the new file (the umask still applies).
+
+    Returns:
+        True if this call created the file, False if it existed already.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.link(tmp, target)
+    except FileExistsError:  # another process created it meanwhile: keep theirs
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -21,6 +21,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from srmri.atomic import write_text
+
 __all__ = [
     "ConfigError",
     "apply_overrides",
@@ -81,14 +83,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue  # try the next member; the error below names the whole union
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
         allowed = get_args(tp)
@@ -297,12 +298,7 @@ def dump_config(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config tree as YAML, atomically; returns the path."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(dump_config(cfg))
-    tmp.replace(p)
-    return p
+    return write_text(path, dump_config(cfg))
 
 
 def config_hash(cfg: Any, exclude: Sequence[str] = ()) -> str:

@@ -118,6 +118,9 @@ def test_other_formats_round_trip_grouped_by_patient(tmp_path):
     rows = read_manifest_rows(out)
     assert {r.source_path for r in rows} == set(folder_labels)
     assert all(r.status == "ok" for r in rows) and verify(out) == []
+    # no patient id in a folder tree: every sample is its own group, and the manifest says so
+    assert all(r.group_kind == "sample" for r in rows)
+    assert len({r.group for r in rows}) == len(rows)
 
     records = make_figshare_files(tmp_path / "fig", n=9)
     out = tmp_path / "o_fig"
@@ -132,6 +135,9 @@ def test_other_formats_round_trip_grouped_by_patient(tmp_path):
         by_patient.setdefault(records[r.source_path].pid, set()).add((r.group, r.split))
     assert all(len(v) == 1 for v in by_patient.values()), "a patient spans groups or splits"
     assert len(by_patient) >= 3
+    assert all(r.group_kind == "patient" for r in rows)
+    samples = shard_samples(out)
+    assert all(json.loads(s["json"])["group_kind"] == "patient" for s in samples.values())
 
 
 def test_volumes_quarantine_and_no_header_value_anywhere(tmp_path, capfd):
@@ -216,6 +222,27 @@ def test_cross_split_duplicates_reported_and_dedup_removes_later_copy(tmp_path):
     assert verify(tmp_path / "o2") == []
 
 
+def test_group_kind_column_and_manifests_without_it(tmp_path):
+    inp = tmp_path / "kaggle"
+    make_kaggle_tree(inp, per_class=2)
+    add_bad_images(inp / "Training" / "glioma")
+    run_ingest("kaggle", inp, tmp_path / "kaggle_out")
+    kaggle = read_manifest_rows(tmp_path / "kaggle_out")
+    sliced = [r for r in kaggle if r.group]
+    assert sliced and all(r.group_kind == "sample" for r in sliced)
+    assert all(r.group_kind == "" for r in kaggle if not r.group)
+    synth_out = tmp_path / "synth_out"
+    run_ingest("synth", None, synth_out, "synth.n=8")  # synthetic subjects are patients
+    synth = read_manifest_rows(synth_out)
+    assert all(r.group_kind == "patient" for r in synth)
+    # A manifest written before the column existed: the kind is derived from the group.
+    for out, rows in ((tmp_path / "kaggle_out", kaggle), (synth_out, synth)):
+        path = out / "manifest.parquet"
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["group_kind"]), path)
+        assert [r.group_kind for r in read_manifest_rows(out)] == [r.group_kind for r in rows]
+
+
 def test_verify_catches_corruption_and_cli_exit_status(tmp_path):
     out = tmp_path / "out"
     run_ingest("synth", None, out, "synth.n=24")
@@ -288,11 +315,12 @@ def test_ray_fan_out_gives_the_same_output(tmp_path):
     # A fresh process: Ray keeps process-wide state (auth mode, core worker) after shutdown that
     # would leak into later tests that start their own Ray.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "shards", "synth", "--n", "16", "--size", str(SIZE),
-           "--seed", "0", "--out", str(tmp_path / "ray"), "--ray-address", "local"]  # fmt: skip
+    out = tmp_path / "ray"
+    cmd = [sys.executable, "-m", "shards", "synth", "--n", "16", "--size", str(SIZE)]
+    cmd += ["--seed", "0", "--out", str(out), "--ray-address", "local"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    viaray = read_index(tmp_path / "ray")
+    viaray = read_index(out)
     assert [s.sha256 for s in local.index.shards] == [s.sha256 for s in viaray.shards]
 
 
