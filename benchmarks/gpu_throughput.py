@@ -30,7 +30,7 @@ import webdataset as wds
 from shards.format import DatasetIndex, ShardInfo, encode_sample, shard_name, to_uint16, write_index
 from shards.loader import create_loader
 from trainer.backend import Backend, create_backend
-from trainer.config import BackendConfig
+from trainer.config import BackendConfig, ModelConfig, OptimConfig, TrainSection
 from trainer.factories import create_model, create_optimizer
 
 __all__ = ["main", "write_synthetic_shards"]
@@ -59,12 +59,17 @@ def write_synthetic_shards(root: Path, n: int, size: int, per_shard: int = 512) 
 
 def _backend(args: argparse.Namespace, device: torch.device, compile_model: bool) -> Backend:
     torch.manual_seed(0)
-    model = create_model(args.model, CLASSES)
-    opt = create_optimizer(model, "adamw", 1e-3, 0.05)
+    model = create_model(ModelConfig(name=args.model), CLASSES)
+    opt = create_optimizer(model, OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05))
     return create_backend(
-        BackendConfig(), model, opt, device, args.precision, 1, 0.0, args.batch,
-        channels_last=args.channels_last, compile_model=compile_model,
-    )  # fmt: skip
+        BackendConfig(),
+        TrainSection(precision=args.precision),
+        model=model,
+        optimizer=opt,
+        device=device,
+        micro_batch=args.batch,
+        model_cfg=ModelConfig(channels_last=args.channels_last, compile=compile_model),
+    )
 
 
 def _step(b: Backend, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

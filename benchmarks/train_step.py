@@ -27,8 +27,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from trainer.backend import create_backend
-from trainer.config import BackendConfig
+from trainer.config import BackendConfig, ModelConfig, OptimConfig, SchedConfig, TrainSection
 from trainer.factories import create_model, create_optimizer, create_scheduler
+from trainer.precision import Precision, autocast_dtype
 
 __all__ = ["main"]
 
@@ -48,12 +49,12 @@ def _batches(
     ]
 
 
-def plain_loop(model_name: str, batches: list, precision: str) -> list[float]:
+def plain_loop(model_name: str, batches: list, precision: Precision) -> list[float]:
     """The reference: a plain PyTorch training loop. Returns per-step seconds."""
     torch.manual_seed(0)
-    model = create_model(model_name, CLASSES)
+    model = create_model(ModelConfig(name=model_name), CLASSES)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = autocast_dtype(precision)
     model.train()
     times = []
     for x, y in batches:
@@ -70,15 +71,27 @@ def plain_loop(model_name: str, batches: list, precision: str) -> list[float]:
 
 
 def trainer_loop(
-    model_name: str, batches: list, precision: str, backend: str = "ddp", zero_stage: int = 0
+    model_name: str,
+    batches: list,
+    precision: Precision,
+    backend: str = "ddp",
+    zero_stage: int = 0,
 ) -> list[float]:
     """The trainer's step, in the order fit runs it. Returns per-step seconds."""
     torch.manual_seed(0)
-    model = create_model(model_name, CLASSES)
-    opt = create_optimizer(model, "adamw", 1e-3, 0.0)
-    cfg = BackendConfig(name=backend, zero_stage=zero_stage)  # type: ignore[arg-type]
-    b = create_backend(cfg, model, opt, torch.device("cpu"), precision, 1, 0.0, len(batches[0][1]))  # type: ignore[arg-type]
-    sched = create_scheduler(b.optimizer, "cosine", 1e-3, 1, len(batches))
+    model = create_model(ModelConfig(name=model_name), CLASSES)
+    optim = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.0)
+    b = create_backend(
+        BackendConfig(name=backend, zero_stage=zero_stage),  # type: ignore[arg-type]
+        TrainSection(precision=precision, grad_accum=1, clip_grad=0.0),
+        model=model,
+        optimizer=create_optimizer(model, optim),
+        device=torch.device("cpu"),
+        micro_batch=len(batches[0][1]),
+    )
+    sched = create_scheduler(
+        b.optimizer, SchedConfig(name="cosine"), lr=optim.lr, epochs=1, steps_per_epoch=len(batches)
+    )
     b.train()
     loss_sum = torch.zeros(())
     times = []
@@ -102,8 +115,10 @@ def _median(times: list[float], warmup: int) -> float:
 
 def compare_single(args: argparse.Namespace) -> None:
     batches = _batches(args.steps, args.batch, args.size)
-    runs = {"plain": lambda: plain_loop(args.model, batches, args.precision),
-            "trainer": lambda: trainer_loop(args.model, batches, args.precision)}  # fmt: skip
+    runs = {
+        "plain": lambda: plain_loop(args.model, batches, args.precision),
+        "trainer": lambda: trainer_loop(args.model, batches, args.precision),
+    }
     for run in runs.values():  # untimed: first-use allocations, lazy inits
         run()
     rounds: dict[str, list[float]] = {"plain": [], "trainer": []}
@@ -127,8 +142,14 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     from srmri.distributed import cleanup, init_distributed
 

@@ -39,8 +39,16 @@ def _cli(
     if nproc == 1:
         cmd = [sys.executable, "-m", "trainer", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "-m", "trainer", *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            "-m",
+            "trainer",
+            *args,
+        ]
     proc = subprocess.run(
         cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
     )
@@ -115,13 +123,14 @@ def test_config_errors_and_defaults(tmp_path: Path) -> None:
 
 
 def test_schedules_warm_up_then_decay() -> None:
+    from trainer.config import SchedConfig
     from trainer.factories import create_scheduler
 
     for name in ("cosine", "step", "onecycle", "plateau", "constant"):
         p = torch.nn.Parameter(torch.zeros(1))
         opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
-        sched = create_scheduler(opt, name, 0.1, epochs=4, steps_per_epoch=10,
-                                 warmup_epochs=1, warmup_lr=0.001, step_epochs=2)  # fmt: skip
+        cfg = SchedConfig(name=name, warmup_epochs=1, warmup_lr=0.001, step_epochs=2)
+        sched = create_scheduler(opt, cfg, lr=0.1, epochs=4, steps_per_epoch=10)
         lrs = [sched.lr()]
         for _ in range(40):
             opt.step()
@@ -139,12 +148,13 @@ def test_schedules_warm_up_then_decay() -> None:
 @pytest.mark.parametrize("stop", [3, 25])  # in the warmup, after it
 def test_rescaled_schedule_follows_the_new_peak(name: str, stop: int) -> None:
     # A resumed run whose optim.lr changed (PBT) must continue on the new peak's schedule.
+    from trainer.config import SchedConfig
     from trainer.factories import create_scheduler
 
     def build(lr: float) -> tuple[torch.optim.Optimizer, object]:
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-        sched = create_scheduler(opt, name, lr, epochs=4, steps_per_epoch=10,
-                                 warmup_epochs=1, warmup_lr=0.001, step_epochs=2)  # fmt: skip
+        cfg = SchedConfig(name=name, warmup_epochs=1, warmup_lr=0.001, step_epochs=2)
+        sched = create_scheduler(opt, cfg, lr=lr, epochs=4, steps_per_epoch=10)
         return opt, sched
 
     old_opt, old = build(0.1)
@@ -174,12 +184,13 @@ def test_rescaled_schedule_follows_the_new_peak(name: str, stop: int) -> None:
 @pytest.mark.parametrize("steps_per_epoch", [1, 2, 3])
 def test_onecycle_survives_short_warmups_and_runs(warmup_epochs, steps_per_epoch) -> None:
     # OneCycleLR divides by its phase lengths: a warmup of <= 1 step used to divide by zero.
+    from trainer.config import SchedConfig
     from trainer.factories import create_scheduler
 
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=0.1)
-    sched = create_scheduler(opt, "onecycle", 0.1, epochs=2, steps_per_epoch=steps_per_epoch,
-                             warmup_epochs=warmup_epochs)  # fmt: skip
+    cfg = SchedConfig(name="onecycle", warmup_epochs=warmup_epochs)
+    sched = create_scheduler(opt, cfg, lr=0.1, epochs=2, steps_per_epoch=steps_per_epoch)
     for _ in range(2 * steps_per_epoch):
         opt.step()
         sched.step()
@@ -211,16 +222,40 @@ def test_inputs_lr_is_fixed_in_eval_and_varies_in_train() -> None:
 # ------------------------------------------------------------------------ real training runs
 
 
-def test_fit_single_process_export_evaluate_and_errors(
-    shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "runs"
-    _cli("fit", "--config", str(DEBUG), f"data.root={shards}", f"out_dir={out}", "name=one",
-         "train.epochs=3", "train.max_steps_per_epoch=8", "sched.name=constant",
-         "sched.warmup_epochs=0")  # fmt: skip
-    run = out / "one"
-    for name in ("config.yaml", "metrics.json", "metrics.csv", "predictions.parquet",
-                 "curves.png", "confusion_val.png"):  # fmt: skip
+FIT_ARGS = (
+    "train.epochs=3",
+    "train.max_steps_per_epoch=8",
+    "sched.name=constant",
+    "sched.warmup_epochs=0",
+)
+
+
+@pytest.fixture(scope="module")
+def trained(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 3-epoch single-process run (``out_dir/one``), shared by the tests below."""
+    out = tmp_path_factory.mktemp("fit") / "runs"
+    _cli(
+        "fit",
+        "--config",
+        str(DEBUG),
+        f"data.root={shards}",
+        f"out_dir={out}",
+        "name=one",
+        *FIT_ARGS,
+    )
+    return out / "one"
+
+
+def test_fit_writes_the_run_directory_and_learns(trained: Path) -> None:
+    run = trained
+    for name in (
+        "config.yaml",
+        "metrics.json",
+        "metrics.csv",
+        "predictions.parquet",
+        "curves.png",
+        "confusion_val.png",
+    ):
         assert (run / name).is_file(), name
     assert any((run / "tb").iterdir())
     losses = [float(r["train_loss"]) for r in _history(run)]
@@ -228,12 +263,16 @@ def test_fit_single_process_export_evaluate_and_errors(
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["final"]["n"] == 13 and metrics["steps"] == 24
 
-    # Export -> bare timm reproduces the validation probabilities the trainer wrote.
+
+def test_export_reproduces_the_validation_probabilities_in_bare_timm(
+    trained: Path, shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import timm
     from safetensors.torch import load_file
 
     from shards.loader import create_loader
 
+    run = trained
     exported = tmp_path / "model.safetensors"
     assert _main(capsys, "export", "--checkpoint", str(run), "--out", str(exported))[0] == 0
     side = json.loads(exported.with_suffix(".json").read_text())
@@ -251,11 +290,21 @@ def test_fit_single_process_export_evaluate_and_errors(
                 seen += 1
     assert seen == 13
 
-    # Evaluate on the test split.
+
+def test_evaluate_on_the_test_split(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ev_out = tmp_path / "eval"
     assert (
         _main(
-            capsys, "evaluate", "--checkpoint", str(run), "--split", "test", "--out", str(ev_out)
+            capsys,
+            "evaluate",
+            "--checkpoint",
+            str(trained),
+            "--split",
+            "test",
+            "--out",
+            str(ev_out),
         )[0]
         == 0
     )
@@ -263,42 +312,76 @@ def test_fit_single_process_export_evaluate_and_errors(
     assert test_metrics["n"] == 9
     assert pq.read_table(ev_out / "predictions_test.parquet").num_rows == 9
 
-    # Resumed with another LR and weight decay (what a PBT exploit does): they take effect.
+
+def test_resume_with_another_lr_and_weight_decay_takes_effect(
+    trained: Path, shards: Path, tmp_path: Path
+) -> None:
+    # What a PBT exploit does. On a copy: the other tests read the 3-epoch run.
+    out = tmp_path / "runs"
+    run = out / "one"
+    shutil.copytree(trained, run)
     lr0 = float(_history(run)[-1]["lr"])
-    again = _cli("fit", "--config", str(DEBUG), f"data.root={shards}", f"out_dir={out}",
-                 "name=one", "train.epochs=4", "train.max_steps_per_epoch=8",
-                 "sched.name=constant", "sched.warmup_epochs=0", f"optim.lr={2 * lr0}",
-                 "optim.weight_decay=0.2")  # fmt: skip
+    again = _cli(
+        "fit",
+        "--config",
+        str(DEBUG),
+        f"data.root={shards}",
+        f"out_dir={out}",
+        "name=one",
+        "train.epochs=4",
+        "train.max_steps_per_epoch=8",
+        "sched.name=constant",
+        "sched.warmup_epochs=0",
+        f"optim.lr={2 * lr0}",
+        "optim.weight_decay=0.2",
+    )
     assert "the LR schedule is rescaled" in again.stdout and "0.2)" in again.stdout, again.stdout
     rows = _history(run)
     assert len(rows) == 4 and float(rows[-1]["lr"]) == pytest.approx(2 * lr0), rows[-1]
 
-    # The saved config.yaml is accepted as is by `fit --config`.
-    _cli("fit", "--config", str(run / "config.yaml"), f"out_dir={tmp_path / 'again'}",
-         "train.epochs=1", "train.max_steps_per_epoch=1")  # fmt: skip
+
+def test_saved_config_is_accepted_by_fit(trained: Path, tmp_path: Path) -> None:
+    _cli(
+        "fit",
+        "--config",
+        str(trained / "config.yaml"),
+        f"out_dir={tmp_path / 'again'}",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=1",
+    )
     assert (tmp_path / "again" / "one" / "metrics.json").is_file()
 
-    # predict: an image file through the ingest preprocessing, probabilities per class.
+
+def test_predict_an_image_file(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An image file through the ingest preprocessing, probabilities per class.
     import numpy as np
     from helpers import toy_image
     from PIL import Image
 
+    latest = sorted((trained / "checkpoints").glob("step-*"))[-1]
+    classes = json.loads((latest / "complete.json").read_text())["classes"]  # = export's sidecar
     jpeg = tmp_path / "slice.jpg"
     Image.fromarray((toy_image(1, 32, np.random.default_rng(1)) * 255).astype("uint8")).save(jpeg)
     csv_out = tmp_path / "preds.csv"
     assert (
-        _main(capsys, "predict", "--checkpoint", str(run), "--out", str(csv_out), str(jpeg))[0] == 0
+        _main(capsys, "predict", "--checkpoint", str(trained), "--out", str(csv_out), str(jpeg))[0]
+        == 0
     )
     with open(csv_out) as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 1 and rows[0]["predicted"] in side["classes"], rows
-    assert sum(float(rows[0][f"prob_{c}"]) for c in side["classes"]) == pytest.approx(1, abs=1e-4)
+    assert len(rows) == 1 and rows[0]["predicted"] in classes, rows
+    assert sum(float(rows[0][f"prob_{c}"]) for c in classes) == pytest.approx(1, abs=1e-4)
 
-    # Missing and corrupt checkpoints: clear errors naming the file.
+
+def test_missing_and_corrupt_checkpoints_give_clear_errors(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     status, err = _main(capsys, "export", "--checkpoint", str(tmp_path / "nope"), "--out", "x.st")
     assert status == 2 and "nope" in err and "does not exist" in err
     bad = tmp_path / "bad" / "step-00000024"
-    shutil.copytree(sorted((run / "checkpoints").glob("step-*"))[-1], bad)
+    shutil.copytree(sorted((trained / "checkpoints").glob("step-*"))[-1], bad)
     (bad / "module.pt").write_bytes(b"not a checkpoint")
     status, err = _main(
         capsys, "export", "--checkpoint", str(bad), "--out", str(tmp_path / "y.st"), "--no-ema"
@@ -309,10 +392,19 @@ def test_fit_single_process_export_evaluate_and_errors(
     assert status == 2 and "not a complete checkpoint" in err, err
 
 
-RESUME_ARGS = ("train.epochs=2", "train.max_steps_per_epoch=8", "data.batch_size=4",
-               "train.deterministic=true", "checkpoint.save_every_steps=3",
-               "checkpoint.keep_last=20", "augment.enabled=true", "model.drop_rate=0.2",
-               "train.ema_decay=0.9", "sched.name=cosine", "sched.warmup_epochs=0.5")  # fmt: skip
+RESUME_ARGS = (
+    "train.epochs=2",
+    "train.max_steps_per_epoch=8",
+    "data.batch_size=4",
+    "train.deterministic=true",
+    "checkpoint.save_every_steps=3",
+    "checkpoint.keep_last=20",
+    "augment.enabled=true",
+    "model.drop_rate=0.2",
+    "train.ema_decay=0.9",
+    "sched.name=cosine",
+    "sched.warmup_epochs=0.5",
+)
 
 
 def test_ddp_sigkill_mid_epoch_then_resume_is_bitwise_identical(
@@ -328,11 +420,26 @@ def test_ddp_sigkill_mid_epoch_then_resume_is_bitwise_identical(
     assert len(keys) == 13 and len(set(keys)) == 13
     assert json.loads((reference / "metrics.json").read_text())["final"]["n"] == 13
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={free_port()}", "-m", "trainer", *common, "name=killed"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "trainer",
+        *common,
+        "name=killed",
+    ]
     killed = out / "killed"
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -371,10 +478,23 @@ def test_deepspeed_zero_bf16_two_processes(
     shards: Path, tmp_path: Path, stage: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "runs"
-    _cli("fit", "--config", str(DEBUG), f"data.root={shards}", f"out_dir={out}", "name=ds",
-         "backend.name=deepspeed", f"backend.zero_stage={stage}", "train.precision=bf16",
-         "data.batch_size=4", "train.epochs=2", "train.max_steps_per_epoch=4",
-         "train.clip_grad=1.0", "train.grad_accum=2", nproc=2)  # fmt: skip
+    _cli(
+        "fit",
+        "--config",
+        str(DEBUG),
+        f"data.root={shards}",
+        f"out_dir={out}",
+        "name=ds",
+        "backend.name=deepspeed",
+        f"backend.zero_stage={stage}",
+        "train.precision=bf16",
+        "data.batch_size=4",
+        "train.epochs=2",
+        "train.max_steps_per_epoch=4",
+        "train.clip_grad=1.0",
+        "train.grad_accum=2",
+        nproc=2,
+    )
     run = out / "ds"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["final"]["n"] == 13

@@ -12,14 +12,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.config import BackendConfig
+from srmri.torchfile import load_torch_file
+from trainer.config import BackendConfig, ModelConfig, TrainSection
+from trainer.precision import Precision, autocast, autocast_dtype
 
 __all__ = [
     "MODULE_FILE",
@@ -30,11 +32,9 @@ __all__ = [
     "deepspeed_config",
 ]
 
-Precision = Literal["fp32", "bf16", "fp16"]
 MODULE_FILE = "module.pt"  # fp32 weights of the unwrapped model, written by rank 0
 _OPTIM_FILE = "optim.pt"
 _DS_TAG = "deepspeed"
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Backend(Protocol):
@@ -108,51 +108,49 @@ def _write_module(module: nn.Module, directory: Path) -> None:
         torch.save(state, directory / MODULE_FILE)
 
 
-def _torch_load(path: Path, device: torch.device | str = "cpu") -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file is missing")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: corrupt checkpoint file ({type(exc).__name__}: {exc})") from exc
-
-
 class DDPBackend:
     """torch DistributedDataParallel (plain module in a one-process run).
 
     fp16 uses ``torch.amp.GradScaler``; bf16 is autocast alone. Accumulation windows skip the
     gradient all-reduce with ``no_sync`` until their last micro-step.
+
+    Args:
+        cfg: The ``backend`` section (``find_unused_parameters``).
+        train: The ``train`` section (``precision``, ``grad_accum``, ``clip_grad``).
+        model: The unwrapped model (moved to ``device`` here).
+        optimizer: Its optimizer.
+        device: This rank's device.
+        model_cfg: The ``model`` section (``channels_last``, ``compile``); defaults when None.
     """
 
     def __init__(
         self,
+        cfg: BackendConfig,
+        train: TrainSection,
+        *,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         device: torch.device,
-        precision: Precision,
-        grad_accum: int,
-        clip_grad: float,
-        channels_last: bool = False,
-        compile_model: bool = False,
-        find_unused_parameters: bool = False,
+        model_cfg: ModelConfig | None = None,
     ) -> None:
+        model_cfg = model_cfg or ModelConfig()
         self.device = device
-        self.precision = precision
-        self.grad_accum = grad_accum
-        self.clip_grad = clip_grad
-        self.channels_last = channels_last
-        self.module = _prepare(model, device, channels_last)
+        self.precision: Precision = train.precision
+        self.grad_accum = train.grad_accum
+        self.clip_grad = train.clip_grad
+        self.channels_last = model_cfg.channels_last
+        self.module = _prepare(model, device, self.channels_last)
         self.optimizer = optimizer
         wrapped: nn.Module = self.module
         if _world() > 1:
             wrapped = DistributedDataParallel(
                 self.module,
                 device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=find_unused_parameters,
+                find_unused_parameters=cfg.find_unused_parameters,
             )
         self._ddp = wrapped if isinstance(wrapped, DistributedDataParallel) else None
-        self.model = torch.compile(wrapped) if compile_model else wrapped
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.model = torch.compile(wrapped) if model_cfg.compile else wrapped
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self._micro = 0
 
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,8 +158,7 @@ class DDPBackend:
         return x.to(self.device, non_blocking=True, memory_format=fmt)
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
-        dtype = _DTYPES.get(self.precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return autocast(self.device, self.precision)
 
     def _boundary(self) -> bool:
         return (self._micro + 1) % self.grad_accum == 0
@@ -206,12 +203,12 @@ class DDPBackend:
             torch.save(state, directory / _OPTIM_FILE)
 
     def load(self, directory: Path) -> None:
-        weights = _torch_load(directory / MODULE_FILE, self.device)
+        weights = load_torch_file(directory / MODULE_FILE, self.device)
         try:
             self.module.load_state_dict(weights)
         except RuntimeError as exc:
             raise ValueError(f"{directory / MODULE_FILE}: does not fit the model: {exc}") from exc
-        state = _torch_load(directory / _OPTIM_FILE, self.device)
+        state = load_torch_file(directory / _OPTIM_FILE, self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -220,27 +217,34 @@ class DDPBackend:
 
 def deepspeed_config(
     cfg: BackendConfig,
-    precision: Precision,
+    train: TrainSection,
+    *,
     micro_batch: int,
-    grad_accum: int,
-    clip_grad: float,
     world_size: int,
     on_cuda: bool,
 ) -> dict[str, Any]:
     """The DeepSpeed config dict for the typed settings.
 
     On CUDA, bf16/fp16 use DeepSpeed's native sections. On CPU they use its ``torch_autocast``
-    section: the native ``bf16`` section casts the whole model and timm's BatchNorm then fails
-    on CPU (see DESIGN.md).
+    section instead, because the native ``bf16`` section casts the whole model to bf16, and
+    timm's BatchNorm then fails on CPU.
+
+    Args:
+        cfg: The ``backend`` section (ZeRO stage, communication settings).
+        train: The ``train`` section (``precision``, ``grad_accum``, ``clip_grad``).
+        micro_batch: Samples per micro-step per rank.
+        world_size: Ranks in the job.
+        on_cuda: Whether the model runs on CUDA.
 
     Returns:
         A JSON-able dict for ``deepspeed.initialize(config=...)``.
     """
+    precision, grad_accum = train.precision, train.grad_accum
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch * grad_accum * world_size,
-        "gradient_clipping": float(clip_grad),
+        "gradient_clipping": float(train.clip_grad),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -264,31 +268,40 @@ def deepspeed_config(
 
 
 class DeepSpeedBackend:
-    """DeepSpeed engine (ZeRO 0/1/2); accumulation, clipping and loss scaling are its own."""
+    """DeepSpeed engine (ZeRO 0/1/2); accumulation, clipping and loss scaling are its own.
+
+    Args:
+        cfg: The ``backend`` section (ZeRO stage, communication settings).
+        train: The ``train`` section (``precision``, ``grad_accum``, ``clip_grad``).
+        model: The unwrapped model (moved to ``device`` here).
+        optimizer: Its optimizer.
+        device: This rank's device.
+        micro_batch: Samples per micro-step per rank (DeepSpeed's bookkeeping).
+        model_cfg: The ``model`` section (``channels_last``, ``compile``); defaults when None.
+    """
 
     def __init__(
         self,
+        cfg: BackendConfig,
+        train: TrainSection,
+        *,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         device: torch.device,
-        precision: Precision,
-        grad_accum: int,
-        clip_grad: float,
         micro_batch: int,
-        cfg: BackendConfig,
-        channels_last: bool = False,
-        compile_model: bool = False,
+        model_cfg: ModelConfig | None = None,
     ) -> None:
         import deepspeed  # imported here: slow to import and unused by DDP runs
 
+        model_cfg = model_cfg or ModelConfig()
         self.device = device
-        self.precision = precision
-        self.channels_last = channels_last
+        self.precision: Precision = train.precision
+        self.channels_last = model_cfg.channels_last
         self.ds_config = deepspeed_config(
-            cfg, precision, micro_batch, grad_accum, clip_grad, _world(), device.type == "cuda"
+            cfg, train, micro_batch=micro_batch, world_size=_world(), on_cuda=device.type == "cuda"
         )
-        model = _prepare(model, device, channels_last)
-        engine, ds_optimizer, _, _ = deepspeed.initialize(
+        model = _prepare(model, device, self.channels_last)
+        engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
         self.engine = engine
@@ -297,8 +310,7 @@ class DeepSpeedBackend:
         # The LR schedule drives the client optimizer: DeepSpeed's ZeRO/bf16 wrappers step it
         # and share its param-group dicts, and torch schedulers only accept a real Optimizer.
         self.optimizer = optimizer
-        self.engine_optimizer = ds_optimizer
-        if compile_model:
+        if model_cfg.compile:
             engine.compile()
         # Native bf16/fp16 cast the module; inputs must follow it.
         self._input_dtype = next(self.module.parameters()).dtype
@@ -309,8 +321,9 @@ class DeepSpeedBackend:
         return x.to(self.device, dtype=dtype, non_blocking=True, memory_format=fmt)
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
+        # Native bf16/fp16 sections cast the module instead; only torch_autocast needs a context.
         enabled = self.precision != "fp32" and "torch_autocast" in self.ds_config
-        dtype = _DTYPES.get(self.precision, torch.bfloat16)
+        dtype = autocast_dtype(self.precision) or torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
 
     def micro_step(self) -> contextlib.AbstractContextManager[None]:
@@ -350,54 +363,38 @@ class DeepSpeedBackend:
 
 def create_backend(
     cfg: BackendConfig,
+    train: TrainSection,
+    *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-    precision: Precision,
-    grad_accum: int,
-    clip_grad: float,
     micro_batch: int,
-    channels_last: bool = False,
-    compile_model: bool = False,
+    model_cfg: ModelConfig | None = None,
 ) -> Backend:
     """Wrap ``model`` and ``optimizer`` in the configured backend (collective).
 
     Args:
-        cfg: Backend settings (name, ZeRO stage, ...).
+        cfg: The ``backend`` section (name, ZeRO stage, ...).
+        train: The ``train`` section (``precision``, ``grad_accum``, ``clip_grad``).
         model: The unwrapped model (moved to ``device`` here).
         optimizer: Its optimizer.
         device: This rank's device.
-        precision: fp32, bf16 or fp16.
-        grad_accum: Micro-steps per optimizer step.
-        clip_grad: Gradient-norm clipping (0: off).
         micro_batch: Samples per micro-step per rank (DeepSpeed's bookkeeping).
-        channels_last: Channels-last memory format.
-        compile_model: torch.compile the model.
+        model_cfg: The ``model`` section (``channels_last``, ``compile``); defaults when None.
 
     Returns:
         The backend.
     """
     if cfg.name == "deepspeed":
         return DeepSpeedBackend(
-            model,
-            optimizer,
-            device,
-            precision,
-            grad_accum,
-            clip_grad,
-            micro_batch,
             cfg,
-            channels_last,
-            compile_model,
+            train,
+            model=model,
+            optimizer=optimizer,
+            device=device,
+            micro_batch=micro_batch,
+            model_cfg=model_cfg,
         )
     return DDPBackend(
-        model,
-        optimizer,
-        device,
-        precision,
-        grad_accum,
-        clip_grad,
-        channels_last,
-        compile_model,
-        cfg.find_unused_parameters,
+        cfg, train, model=model, optimizer=optimizer, device=device, model_cfg=model_cfg
     )

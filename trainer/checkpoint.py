@@ -5,14 +5,19 @@ Layout of ``RUN/checkpoints/step-00001234/``::
     module.pt        fp32 weights of the unwrapped model (rank 0)
     optim.pt         DDP: optimizer, grad scaler, micro-step counter (rank 0)
     deepspeed/       DeepSpeed: its own sharded model/optimizer state (every rank)
-    trainer.pt       epoch/step position, LR schedule, EMA, best and early-stop state (rank 0)
-    rank-00000.pt    per rank: RNG states and the loader position
+    trainer.pt       the shared components' states (rank 0): train state (epoch/step position,
+                     best and early-stop state, history), LR schedule, EMA, optimizer hparams
+    rank-00000.pt    per rank: that rank's components' states (RNG, loader position)
     config.yaml      the run's resolved config (export and evaluate need nothing else)
     complete.json    written last; a directory without it is ignored
 
 Every rank writes into ``.tmp-step-.../``; after a barrier rank 0 writes ``complete.json`` and
 renames the directory into place, so a kill at any moment leaves either a whole checkpoint or
 an ignored temp directory. Everything is loaded with ``torch.load(weights_only=True)``.
+
+What goes into ``trainer.pt`` and ``rank-*.pt`` is given as mappings of *stateful components*
+(anything with ``state_dict()`` / ``load_state_dict()``, as in torchtitan): each file is
+``{name: component.state_dict()}``, and loading restores each named component in place.
 """
 
 from __future__ import annotations
@@ -21,24 +26,30 @@ import json
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from srmri.atomic import write_json
 from srmri.config import save_config
 from srmri.distributed import barrier
+from srmri.torchfile import load_torch_file
 from trainer.backend import Backend
 
 __all__ = [
     "COMPLETE",
+    "TRAINER_FILE",
     "CheckpointInfo",
+    "CheckpointMarker",
+    "ProcessRNG",
+    "Stateful",
     "find_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
-    "load_torch_file",
     "prune_checkpoints",
     "read_info",
     "resolve_checkpoint",
@@ -48,15 +59,32 @@ __all__ = [
 ]
 
 COMPLETE = "complete.json"
-TRAINER_FILE = "trainer.pt"
+TRAINER_FILE = "trainer.pt"  # the shared components, written by rank 0
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What ``complete.json`` records about a checkpoint."""
+class Stateful(Protocol):
+    """A checkpointed component: its state as tensors and primitives, and back."""
 
-    path: Path
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class CheckpointMarker:
+    """What ``complete.json`` records about a checkpoint.
+
+    Attributes:
+        step: Optimizer steps done.
+        epoch: Epoch in progress (or just finished, when ``epoch_end``).
+        epoch_end: Whether the epoch is complete (resume starts the next one).
+        metric: Validation metric at an epoch end (for keep-best), else None.
+        world_size: Ranks that wrote it.
+        backend: ddp or deepspeed (resume must use the same).
+        classes: Class names.
+    """
+
     step: int
     epoch: int
     epoch_end: bool
@@ -64,6 +92,13 @@ class CheckpointInfo:
     world_size: int
     backend: str
     classes: list[str]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo(CheckpointMarker):
+    """A complete checkpoint on disk: its directory and its marker."""
+
+    path: Path
 
 
 def read_info(path: Path) -> CheckpointInfo:
@@ -166,52 +201,59 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_torch_file(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True``; clear errors naming a missing or corrupt file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file is missing")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: corrupt checkpoint file ({type(exc).__name__}: {exc})") from exc
+class ProcessRNG:
+    """This process's RNGs (torch, CUDA, numpy, Python) as a stateful component."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """:func:`rng_state`."""
+        return rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """:func:`set_rng_state`."""
+        set_rng_state(state)
+
+
+def _states(components: Mapping[str, Stateful | None]) -> dict[str, Any]:
+    return {k: None if c is None else c.state_dict() for k, c in components.items()}
+
+
+def _restore(components: Mapping[str, Stateful | None], states: Any, path: Path) -> None:
+    """Load each component from its entry, in mapping order; absent or None entries are skipped."""
+    if not isinstance(states, dict):
+        raise ValueError(f"{path}: corrupt checkpoint file (not a mapping of component states)")
+    for name, component in components.items():
+        if component is not None and states.get(name) is not None:
+            component.load_state_dict(states[name])
 
 
 def save_checkpoint(
     directory: Path,
-    step: int,
-    epoch: int,
-    epoch_end: bool,
     backend: Backend,
-    trainer_state: dict[str, Any],
-    rank_state: dict[str, Any],
+    marker: CheckpointMarker,
+    *,
+    shared: Mapping[str, Stateful | None],
+    per_rank: Mapping[str, Stateful],
     config: Any,
-    backend_name: str,
-    classes: list[str],
-    metric: float | None,
     rank: int,
-    world_size: int,
 ) -> Path:
     """Write one checkpoint (collective: every rank must call it with the same step).
 
     Args:
         directory: The run's ``checkpoints/`` folder.
-        step: Optimizer steps done.
-        epoch: Epoch in progress (or just finished, when ``epoch_end``).
-        epoch_end: Whether the epoch is complete (resume starts the next one).
         backend: Writes model and optimizer state.
-        trainer_state: Rank 0's position, schedule, EMA, best state (tensors/primitives).
-        rank_state: This rank's RNG and loader state (tensors/primitives).
+        marker: What ``complete.json`` records (step, epoch, metric, ...).
+        shared: Components whose state is the same on every rank (train state, schedule,
+            EMA, ...); rank 0 writes them to ``trainer.pt``. A None component is saved as None.
+        per_rank: This rank's own components (RNG, loader position), to ``rank-NNNNN.pt``.
         config: The run config (saved as config.yaml beside the weights).
-        backend_name: ddp or deepspeed (recorded; resume must use the same).
-        classes: Class names.
-        metric: Validation metric at an epoch end (for keep-best), else None.
         rank: This rank.
-        world_size: Ranks in the job.
 
     Returns:
         The final checkpoint directory.
     """
-    name = f"step-{step:08d}"
+    # Taken before any file is written, so the states are those of the step being saved.
+    shared_states, rank_states = _states(shared), _states(per_rank)
+    name = f"step-{marker.step:08d}"
     final = directory / name
     tmp = directory / f".tmp-{name}"
     if rank == 0:
@@ -220,23 +262,15 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier()
+    # Files go straight into the temp directory: the directory as a whole is renamed below.
     backend.save(tmp)
-    torch.save(rank_state, tmp / f"rank-{rank:05d}.pt")
+    torch.save(rank_states, tmp / f"rank-{rank:05d}.pt")
     if rank == 0:
-        torch.save(trainer_state, tmp / TRAINER_FILE)
+        torch.save(shared_states, tmp / TRAINER_FILE)
         save_config(config, tmp / "config.yaml")
     barrier()
     if rank == 0:
-        marker = {
-            "step": step,
-            "epoch": epoch,
-            "epoch_end": epoch_end,
-            "metric": metric,
-            "world_size": world_size,
-            "backend": backend_name,
-            "classes": list(classes),
-        }
-        (tmp / COMPLETE).write_text(json.dumps(marker, indent=1))
+        (tmp / COMPLETE).write_text(json.dumps(asdict(marker), indent=1))
         if final.exists():  # re-saving the same step (e.g. a re-run); replace it whole
             shutil.rmtree(final)
         tmp.rename(final)
@@ -245,26 +279,44 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, backend: Backend, rank: int
-) -> tuple[CheckpointInfo, dict[str, Any], dict[str, Any] | None]:
-    """Restore model and optimizer into ``backend`` and return the saved trainer state.
+    path: Path,
+    backend: Backend,
+    *,
+    shared: Mapping[str, Stateful | None],
+    per_rank: Mapping[str, Stateful],
+    rank: int,
+) -> tuple[CheckpointInfo, bool]:
+    """Restore model and optimizer into ``backend`` and the components in place (collective).
 
-    Collective. Each rank reads its own ``rank-*.pt``; a rank without one (a job resumed with
-    more ranks) gets None and starts from rank 0's position only in the epoch count.
+    The backend loads first, then ``shared`` from ``trainer.pt``, then ``per_rank`` from this
+    rank's ``rank-*.pt``, each mapping in its order. A rank without a file of its own (a job
+    resumed with more ranks) restores no per-rank component. A component whose entry is absent
+    or None (a run without EMA) keeps its state.
+
+    Args:
+        path: The checkpoint directory.
+        backend: Receives model and optimizer state.
+        shared: Components saved by rank 0 (as given to :func:`save_checkpoint`).
+        per_rank: This rank's components to restore.
+        rank: This rank.
 
     Returns:
-        The checkpoint's info, rank 0's trainer state, and this rank's state (or None).
+        The checkpoint's info, and whether this rank's own file was there (and restored).
 
     Raises:
         FileNotFoundError: Naming the checkpoint or the missing file.
         ValueError: Naming the corrupt file.
     """
     info = read_info(path)
-    trainer_state = load_torch_file(path / TRAINER_FILE)
+    shared_file = path / TRAINER_FILE
+    shared_states = load_torch_file(shared_file)
     rank_file = path / f"rank-{rank:05d}.pt"
-    rank_state = load_torch_file(rank_file) if rank_file.is_file() else None
+    rank_states = load_torch_file(rank_file) if rank_file.is_file() else None
     backend.load(path)
-    return info, trainer_state, rank_state
+    _restore(shared, shared_states, shared_file)
+    if rank_states is not None:
+        _restore(per_rank, rank_states, rank_file)
+    return info, rank_states is not None
 
 
 def prune_checkpoints(directory: Path, keep_last: int, keep_best: int, mode: str) -> None:
@@ -289,8 +341,6 @@ def prune_checkpoints(directory: Path, keep_last: int, keep_best: int, mode: str
         record = {
             "best": [{"name": c.path.name, "metric": c.metric, "epoch": c.epoch} for c in best]
         }
-        tmp = directory / ".best.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(directory / "best.json")
+        write_json(directory / "best.json", record)
     for stale in directory.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)

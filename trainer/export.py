@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 
 import torch
 import yaml
 
+from srmri.atomic import atomic_path, write_json
 from srmri.config import config_from_dict
+from srmri.torchfile import load_torch_file
 from trainer.backend import MODULE_FILE
-from trainer.checkpoint import TRAINER_FILE, CheckpointInfo, load_torch_file, resolve_checkpoint
+from trainer.checkpoint import TRAINER_FILE, CheckpointInfo, resolve_checkpoint
 from trainer.config import TrainConfig
 
 __all__ = ["checkpoint_config", "export_checkpoint", "load_fp32_weights"]
@@ -71,8 +72,8 @@ def load_fp32_weights(ckpt: CheckpointInfo, use_ema: bool = True) -> dict[str, t
         ValueError: Naming the corrupt file.
     """
     if use_ema:
-        saved = load_torch_file(ckpt.path / TRAINER_FILE)
-        ema = saved.get("ema") if isinstance(saved, dict) else None
+        shared = load_torch_file(ckpt.path / TRAINER_FILE)
+        ema = shared.get("ema") if isinstance(shared, dict) else None
         if ema:
             return {k.removeprefix("module."): v.float().contiguous() for k, v in ema.items()}
     state = _from_deepspeed(ckpt)
@@ -106,10 +107,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, use_ema: bool = T
     cfg = checkpoint_config(ckpt)
     state = load_fp32_weights(ckpt, use_ema)
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    save_file(state, str(tmp), metadata={"model": cfg.model.name})
-    tmp.replace(out_path)
+    with atomic_path(out_path) as tmp:
+        save_file(state, str(tmp), metadata={"model": cfg.model.name})
     sidecar = {
         "model": cfg.model.name,
         "task": cfg.task,
@@ -123,5 +122,5 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, use_ema: bool = T
         "load_with": f"timm.create_model({cfg.model.name!r}, in_chans=1, "
         f"num_classes={len(ckpt.classes)}).load_state_dict(safetensors.torch.load_file(path))",
     }
-    out_path.with_suffix(".json").write_text(json.dumps(sidecar, indent=1))
+    write_json(out_path.with_suffix(".json"), sidecar)
     return out_path

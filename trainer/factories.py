@@ -1,4 +1,4 @@
-"""Builders for the model, optimizer and learning-rate schedule, from typed arguments.
+"""Builders for the model, optimizer and learning-rate schedule, from the config sections.
 
 Models come from timm by name with one input channel and never download weights; a local
 ImageNet weights file is adapted to one channel with timm's ``adapt_input_conv`` (the sum over
@@ -9,7 +9,6 @@ and biases). Schedules are torch's LR schedulers, stepped once per optimizer ste
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import timm
@@ -19,52 +18,21 @@ from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from torch import nn
 from torch.optim import lr_scheduler
 
-__all__ = ["LRSchedule", "create_model", "create_optimizer", "create_scheduler", "load_weights"]
+from srmri.torchfile import load_state_dict_file
+from trainer.config import ModelConfig, OptimConfig, SchedConfig
+
+__all__ = ["LRSchedule", "create_model", "create_optimizer", "create_scheduler"]
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict of tensors from ``.safetensors`` or a torch file (``weights_only``).
-
-    Raises:
-        FileNotFoundError: If the file is missing.
-        ValueError: If it cannot be read as a state dict of tensors.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: weights file does not exist")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(p))
-        else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{p}: cannot read weights ({type(exc).__name__}: {exc})") from exc
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{p}: not a state dict of tensors")
-    return state
-
-
-def create_model(
-    name: str,
-    num_classes: int,
-    in_chans: int = 1,
-    pretrained_path: str | Path | None = None,
-    drop_rate: float = 0.0,
-) -> nn.Module:
+def create_model(cfg: ModelConfig, num_classes: int, in_chans: int = 1) -> nn.Module:
     """A timm model with ``in_chans`` inputs, optionally initialised from a local weights file.
 
     Args:
-        name: timm model name, e.g. ``resnet50``.
+        cfg: The model section: timm ``name``, ``drop_rate`` before the classifier, and
+            ``pretrained_path``, local weights of any channel count (the first conv is adapted,
+            a classifier of another size is dropped). Nothing is ever downloaded.
         num_classes: Output classes.
         in_chans: Input channels (1 for MRI).
-        pretrained_path: Local weights (any channel count; the first conv is adapted, a
-            classifier of another size is dropped). Never downloads.
-        drop_rate: Dropout before the classifier.
 
     Returns:
         The model, in train mode, on the CPU.
@@ -72,60 +40,60 @@ def create_model(
     Raises:
         ValueError: On an unknown model name or unusable weights.
     """
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name}*")[:5]
-        raise ValueError(f"model.name: unknown timm model {name!r}; close names: {close}")
+    if not timm.is_model(cfg.name):
+        close = timm.list_models(f"*{cfg.name}*")[:5]
+        raise ValueError(f"model.name: unknown timm model {cfg.name!r}; close names: {close}")
     model = timm.create_model(
-        name, pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate
+        cfg.name,
+        pretrained=False,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        drop_rate=cfg.drop_rate,
     )
-    if pretrained_path:
-        state = load_weights(pretrained_path)
-        cfg = getattr(model, "pretrained_cfg", {}) or {}
-        first = cfg.get("first_conv")
-        firsts = [first] if isinstance(first, str) else list(first or [])
-        for conv in firsts:
-            key = f"{conv}.weight"
-            if key in state and state[key].shape[1] != in_chans:
-                state[key] = adapt_input_conv(in_chans, state[key])
-        own = model.state_dict()
-        dropped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-        for k in dropped:  # e.g. the 1000-class ImageNet head
-            del state[k]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - set(dropped):
-            head = set(dropped)
-            bad = [k for k in missing if k not in head]
-            if bad or unexpected:
-                raise ValueError(
-                    f"{pretrained_path}: weights do not fit {name}: missing {bad[:5]}, "
-                    f"unexpected {list(unexpected)[:5]}"
-                )
+    if cfg.pretrained_path:
+        _load_pretrained(model, cfg, in_chans)
     return model
 
 
-def create_optimizer(
-    model: nn.Module,
-    name: Literal["adamw", "adam", "sgd"],
-    lr: float,
-    weight_decay: float = 0.0,
-    momentum: float = 0.9,
-    nesterov: bool = True,
-    betas: tuple[float, float] = (0.9, 0.999),
-) -> torch.optim.Optimizer:
+def _load_pretrained(model: nn.Module, cfg: ModelConfig, in_chans: int) -> None:
+    """Load ``cfg.pretrained_path`` into ``model``: first conv adapted, other heads dropped."""
+    path = cfg.pretrained_path
+    state = load_state_dict_file(path)
+    pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
+    first = pretrained_cfg.get("first_conv")
+    for conv in [first] if isinstance(first, str) else list(first or []):
+        key = f"{conv}.weight"
+        if key in state and state[key].shape[1] != in_chans:
+            state[key] = adapt_input_conv(in_chans, state[key])
+    own = model.state_dict()
+    dropped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    for k in dropped:  # e.g. the 1000-class ImageNet head
+        del state[k]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in missing if k not in set(dropped)]
+    if bad or unexpected:
+        raise ValueError(
+            f"{path}: weights do not fit {cfg.name}: missing {bad[:5]}, "
+            f"unexpected {list(unexpected)[:5]}"
+        )
+
+
+def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW, Adam or SGD over ``model``'s parameters (no weight decay on norms and biases).
 
     Args:
         model: The (unwrapped) model.
-        name: adamw, adam or sgd.
-        lr: Peak learning rate.
-        weight_decay: Decoupled (adamw) or L2 (adam, sgd) weight decay.
-        momentum: SGD momentum.
-        nesterov: SGD Nesterov momentum.
-        betas: Adam betas.
+        cfg: The ``optim`` section: name (adamw, adam or sgd), peak ``lr``, ``weight_decay``
+            (decoupled for adamw, L2 for adam and sgd), SGD ``momentum``/``nesterov``, Adam
+            ``betas``.
 
     Returns:
         The optimizer.
+
+    Raises:
+        ValueError: On an unknown optimizer name.
     """
+    weight_decay = cfg.weight_decay
 
     def groups(module: nn.Module) -> list[dict[str, Any]]:
         # Always the two timm groups, each marked: the group structure must not depend on
@@ -137,13 +105,13 @@ def create_optimizer(
             group["weight_decay"] = weight_decay if group["decay"] else 0.0
         return made
 
-    common: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay, "param_group_fn": groups}
-    if name == "sgd":
-        opt = "sgd" if nesterov else "momentum"  # timm: "sgd" is Nesterov, "momentum" is not
-        return create_optimizer_v2(model, opt=opt, momentum=momentum, **common)
-    if name in ("adam", "adamw"):
-        return create_optimizer_v2(model, opt=name, betas=tuple(betas), **common)
-    raise ValueError(f"optim.name: {name!r} is not adamw, adam or sgd")
+    common: dict[str, Any] = {"lr": cfg.lr, "weight_decay": weight_decay, "param_group_fn": groups}
+    if cfg.name == "sgd":
+        opt = "sgd" if cfg.nesterov else "momentum"  # timm: "sgd" is Nesterov, "momentum" is not
+        return create_optimizer_v2(model, opt=opt, momentum=cfg.momentum, **common)
+    if cfg.name in ("adam", "adamw"):
+        return create_optimizer_v2(model, opt=cfg.name, betas=tuple(cfg.betas), **common)
+    raise ValueError(f"optim.name: {cfg.name!r} is not adamw, adam or sgd")
 
 
 class LRSchedule:
@@ -231,44 +199,57 @@ class LRSchedule:
                 part.load_state_dict(state[name])
 
 
+def _onecycle(
+    optimizer: torch.optim.Optimizer, cfg: SchedConfig, lr: float, total: int, warm: int
+) -> lr_scheduler.OneCycleLR:
+    """OneCycle over ``total`` steps whose rise lasts the warmup (at least 2 steps)."""
+    start = min(1.0, max(cfg.warmup_lr / lr, 1e-8))
+    initial = lr * start if warm > 0 else lr / 25.0
+    return lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=lr,
+        total_steps=total,
+        # Each phase needs >= 2 steps: OneCycleLR divides by (phase end - phase start).
+        pct_start=min(max(warm, 2), total - 2) / total,
+        anneal_strategy="cos",
+        div_factor=lr / initial,
+        final_div_factor=initial / max(cfg.min_lr, initial * 1e-4),
+    )
+
+
 def create_scheduler(
     optimizer: torch.optim.Optimizer,
-    name: Literal["cosine", "step", "onecycle", "plateau", "constant"],
+    cfg: SchedConfig,
+    *,
     lr: float,
     epochs: int,
     steps_per_epoch: int,
-    warmup_epochs: float = 0.0,
-    warmup_lr: float = 1e-6,
-    min_lr: float = 0.0,
-    step_epochs: int = 30,
-    gamma: float = 0.1,
-    patience: int = 5,
-    factor: float = 0.1,
     mode: Literal["max", "min"] = "max",
 ) -> LRSchedule:
     """Build the schedule; every kind starts with a linear warmup from ``warmup_lr`` to ``lr``.
 
     Args:
         optimizer: The optimizer (its param groups' ``lr`` must equal ``lr``).
-        name: cosine, step, onecycle, plateau or constant.
-        lr: Peak learning rate.
+        cfg: The ``sched`` section: name (cosine, step, onecycle, plateau or constant), warmup
+            (``warmup_epochs``, fractions allowed, from ``warmup_lr``), ``min_lr`` (final LR of
+            cosine/onecycle, floor of plateau), step's ``step_epochs``/``gamma``, plateau's
+            ``patience``/``factor``.
+        lr: Peak learning rate (``optim.lr``).
         epochs: Training epochs.
         steps_per_epoch: Optimizer steps per epoch.
-        warmup_epochs: Warmup length in epochs (fractions allowed).
-        warmup_lr: LR at the first step of the warmup.
-        min_lr: Final LR (cosine, onecycle) or floor (plateau).
-        step_epochs: step: epochs between decays.
-        gamma: step: decay factor.
-        patience: plateau: epochs without improvement before decaying.
-        factor: plateau: decay factor.
         mode: plateau: whether the validation metric is maximised or minimised.
 
     Returns:
         The schedule, already at step 0.
+
+    Raises:
+        ValueError: On an unknown schedule name.
     """
     total = max(1, epochs * steps_per_epoch)
-    warm = min(total - 1, round(warmup_epochs * steps_per_epoch)) if warmup_epochs > 0 else 0
-    start = min(1.0, max(warmup_lr / lr, 1e-8))
+    warm = 0
+    if cfg.warmup_epochs > 0:
+        warm = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
+    start = min(1.0, max(cfg.warmup_lr / lr, 1e-8))
 
     def warmup() -> lr_scheduler.LinearLR:
         return lr_scheduler.LinearLR(optimizer, start_factor=start, total_iters=warm)
@@ -278,35 +259,24 @@ def create_scheduler(
             return after
         return lr_scheduler.SequentialLR(optimizer, [warmup(), after], milestones=[warm])
 
+    name = cfg.name
     if name == "cosine":
-        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warm), eta_min=min_lr)
-        return LRSchedule(optimizer, chained(main))
-    if name == "step":
-        main = lr_scheduler.StepLR(
-            optimizer, step_size=max(1, step_epochs * steps_per_epoch), gamma=gamma
+        main = lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, total - warm), eta_min=cfg.min_lr
         )
         return LRSchedule(optimizer, chained(main))
-    if name == "constant":
-        return LRSchedule(optimizer, chained(lr_scheduler.ConstantLR(optimizer, 1.0, 0)))
-    if name == "onecycle" and total < 4:
+    if name == "step":
+        step_size = max(1, cfg.step_epochs * steps_per_epoch)
+        main = lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=cfg.gamma)
+        return LRSchedule(optimizer, chained(main))
+    if name == "constant" or (name == "onecycle" and total < 4):
         # OneCycleLR divides by its phase lengths; with under 4 steps there is no cycle to run.
         return LRSchedule(optimizer, chained(lr_scheduler.ConstantLR(optimizer, 1.0, 0)))
     if name == "onecycle":
-        initial = lr * start if warm > 0 else lr / 25.0
-        cycle = lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=lr,
-            total_steps=total,
-            # Each phase needs >= 2 steps: OneCycleLR divides by (phase end - phase start).
-            pct_start=min(max(warm, 2), total - 2) / total,
-            anneal_strategy="cos",
-            div_factor=lr / initial,
-            final_div_factor=initial / max(min_lr, initial * 1e-4),
-        )
-        return LRSchedule(optimizer, cycle)
+        return LRSchedule(optimizer, _onecycle(optimizer, cfg, lr, total, warm))
     if name == "plateau":
         plateau = lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode=mode, factor=factor, patience=patience, min_lr=min_lr
+            optimizer, mode=mode, factor=cfg.factor, patience=cfg.patience, min_lr=cfg.min_lr
         )
         return LRSchedule(optimizer, None, warmup() if warm else None, warm, plateau)
     raise ValueError(f"sched.name: {name!r} is not cosine, step, onecycle, plateau or constant")

@@ -1,13 +1,15 @@
 """The one training loop: ``fit(cfg)`` for every task and backend.
 
 ``build_run`` assembles the pieces (process group, loaders, task, model, backend, schedule,
-EMA, resume); ``fit`` is the loop itself: epochs of micro-steps, validation, checkpoints and
-early stopping. Everything task- or backend-specific lives behind ``Task`` and ``Backend``.
+EMA, resume); ``fit`` is the loop itself: epochs of micro-steps (:func:`_train_epoch`), then
+validation, bookkeeping, the epoch-end checkpoint and early stopping (:func:`_end_epoch`).
+Everything task- or backend-specific lives behind ``Task`` and ``Backend``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import threading
@@ -22,47 +24,37 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
+from shards.format import read_index
 from shards.loader import ShardLoader, create_loader
-from srmri.config import dump_config
+from srmri.config import apply_overrides, config_from_dict, config_to_dict, dump_config
 from srmri.distributed import DistInfo, broadcast_buffers, init_distributed, print0
 from srmri.exitcodes import REQUEUE
 from trainer.backend import Backend, create_backend
+from trainer.batch import TaskBatch
 from trainer.checkpoint import (
+    CheckpointMarker,
+    ProcessRNG,
+    Stateful,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     resolve_checkpoint,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from trainer.config import TrainConfig, run_dir_of
+from trainer.export import checkpoint_config, load_fp32_weights
 from trainer.factories import LRSchedule, create_optimizer, create_scheduler
+from trainer.precision import autocast as precision_autocast
 from trainer.preempt import (
     Preemption,
     any_rank_requested,
     install_preemption_handler,
 )
-from trainer.rundir import RunDir, scalars
+from trainer.rundir import RunDir, eval_dir_of, eval_metrics_path, scalars, write_json
+from trainer.state import OptimHParams, TrainState
 from trainer.task import Prepare, Task, create_task
 
 __all__ = ["Run", "TrainState", "build_run", "evaluate", "fit", "seed_everything", "validate"]
-
-
-@dataclass
-class TrainState:
-    """Where training stands; saved in every checkpoint (primitives only)."""
-
-    epoch: int = 0  # epoch in progress
-    micro: int = 0  # micro-steps done in that epoch
-    step: int = 0  # optimizer steps done overall
-    best: float | None = None
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_metrics: dict[str, Any] = field(default_factory=dict)
-    last_metrics: dict[str, Any] = field(default_factory=dict)
-    epoch_loss: float = 0.0  # sum of the epoch's micro-batch losses so far (mid-epoch resume)
 
 
 @dataclass
@@ -81,8 +73,22 @@ class Run:
     micro_per_epoch: int
     metric: str
     mode: str
-    state: TrainState
     classes: list[str]
+    hparams: OptimHParams
+    state: TrainState = field(default_factory=TrainState)
+
+    def shared_components(self) -> dict[str, Stateful | None]:
+        """What rank 0 checkpoints into ``trainer.pt`` (the same on every rank)."""
+        return {
+            "hparams": self.hparams,
+            "state": self.state,
+            "schedule": self.schedule,
+            "ema": self.ema,
+        }
+
+    def rank_components(self) -> dict[str, Stateful]:
+        """What every rank checkpoints for itself: its RNGs and its loader position."""
+        return {"rng": ProcessRNG(), "loader": self.train_loader}
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -112,46 +118,79 @@ def _loader(cfg: TrainConfig, task: Task, split: str, train: bool, info: DistInf
     )
 
 
+def _micro_per_epoch(cfg: TrainConfig, batches: int) -> int:
+    """Micro-steps per epoch: the loader's batches, capped, in whole accumulation windows.
+
+    Raises:
+        ValueError: If not even one accumulation window fits in an epoch.
+    """
+    t = cfg.train
+    micro = min(batches, t.max_steps_per_epoch or batches)
+    micro -= micro % t.grad_accum  # whole accumulation windows only: both backends agree
+    if micro == 0:
+        raise ValueError(
+            f"{cfg.data.root}: an epoch has {batches} batches, fewer than "
+            f"train.grad_accum={t.grad_accum}; lower grad_accum or data.batch_size"
+        )
+    return micro
+
+
 def build_run(cfg: TrainConfig) -> Run:
-    """Set up a run (collective): group, loaders, task, model, backend, schedule, resume."""
+    """Set up a run (collective): group, loaders, task, model, backend, schedule, resume.
+
+    Args:
+        cfg: The run's configuration.
+
+    Returns:
+        The assembled run, resumed from a checkpoint when ``train.resume`` finds one.
+    """
     info = init_distributed(cfg.train.device)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     rundir = RunDir(run_dir_of(cfg), info.is_main)
     print0(dump_config(cfg))
     rundir.save_config(cfg)
-    from shards.format import read_index
-
     classes = list(read_index(cfg.data.root).classes)
     task = create_task(cfg, classes)
     train_loader = _loader(cfg, task, cfg.data.train_split, True, info)
     val_loader = _loader(cfg, task, cfg.data.val_split, False, info)
     t = cfg.train
-    micro = min(len(train_loader), t.max_steps_per_epoch or len(train_loader))
-    micro -= micro % t.grad_accum  # whole accumulation windows only: both backends agree
-    if micro == 0:
-        raise ValueError(
-            f"{cfg.data.root}: an epoch has {len(train_loader)} batches, fewer than "
-            f"train.grad_accum={t.grad_accum}; lower grad_accum or data.batch_size"
-        )
+    micro = _micro_per_epoch(cfg, len(train_loader))
     model = task.build_model()
-    o = cfg.optim
-    optimizer = create_optimizer(
-        model, o.name, o.lr, o.weight_decay, o.momentum, o.nesterov, o.betas
-    )
     backend = create_backend(
-        cfg.backend, model, optimizer, info.device, t.precision, t.grad_accum, t.clip_grad,
-        cfg.data.batch_size, cfg.model.channels_last, cfg.model.compile,
-    )  # fmt: skip
+        cfg.backend,
+        t,
+        model=model,
+        optimizer=create_optimizer(model, cfg.optim),
+        device=info.device,
+        micro_batch=cfg.data.batch_size,
+        model_cfg=cfg.model,
+    )
     metric = t.early_stop.metric or task.best_metric
     mode = t.early_stop.mode if t.early_stop.metric else task.best_mode
-    s = cfg.sched
     schedule = create_scheduler(
-        backend.optimizer, s.name, o.lr, t.epochs, micro // t.grad_accum, s.warmup_epochs,
-        s.warmup_lr, s.min_lr, s.step_epochs, s.gamma, s.patience, s.factor, mode,  # type: ignore[arg-type]
-    )  # fmt: skip
-    ema = ModelEmaV3(backend.module, decay=t.ema_decay) if t.ema_decay else None
-    run = Run(cfg, info, rundir, task, train_loader, val_loader, backend, schedule, ema, micro,
-              metric, mode, TrainState(), classes)  # fmt: skip
+        backend.optimizer,
+        cfg.sched,
+        lr=cfg.optim.lr,
+        epochs=t.epochs,
+        steps_per_epoch=micro // t.grad_accum,
+        mode=mode,
+    )
+    run = Run(
+        cfg=cfg,
+        info=info,
+        rundir=rundir,
+        task=task,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        backend=backend,
+        schedule=schedule,
+        ema=ModelEmaV3(backend.module, decay=t.ema_decay) if t.ema_decay else None,
+        micro_per_epoch=micro,
+        metric=metric,
+        mode=mode,
+        classes=classes,
+        hparams=OptimHParams.of(cfg.optim),
+    )
     _maybe_resume(run)
     return run
 
@@ -164,27 +203,33 @@ def _maybe_resume(run: Run) -> None:
     found = latest_checkpoint(run.rundir.checkpoints) if how == "auto" else resolve_checkpoint(how)
     if found is None:
         return
-    info, saved, mine = load_checkpoint(found.path, run.backend, run.info.rank)
-    if info.world_size != run.info.world_size:
-        print0(f"warning: {found.path} was written by {info.world_size} ranks; resuming on "
-               f"{run.info.world_size} restarts its epoch's data order")  # fmt: skip
-    run.schedule.load_state_dict(saved["schedule"])
-    if run.ema is not None and saved.get("ema") is not None:
-        run.ema.load_state_dict(saved["ema"])
-    _apply_changed_hparams(run, saved.get("hparams"))
-    run.state = TrainState(**saved["state"])
+    same_world = found.world_size == run.info.world_size
+    per_rank = run.rank_components()
+    if found.epoch_end or not same_world:
+        # The next epoch starts afresh; a loader position of another world size is meaningless.
+        del per_rank["loader"]
+    info, restored = load_checkpoint(
+        found.path,
+        run.backend,
+        shared=run.shared_components(),
+        per_rank=per_rank,
+        rank=run.info.rank,
+    )
+    if not same_world:
+        print0(
+            f"warning: {found.path} was written by {info.world_size} ranks; resuming on "
+            f"{run.info.world_size} restarts its epoch's data order"
+        )
+    _apply_changed_hparams(run)
+    st = run.state
     if info.epoch_end:
-        run.state.epoch, run.state.micro = info.epoch + 1, 0
-    elif mine is not None and info.world_size == run.info.world_size:
-        run.train_loader.load_state_dict(mine["loader"])
-    else:
-        run.state.micro = 0
-    if mine is not None:
-        set_rng_state(mine["rng"])
-    print0(f"resumed from {found.path} (epoch {run.state.epoch}, step {run.state.step})")
+        st.epoch, st.micro = info.epoch + 1, 0
+    elif not (restored and same_world):
+        st.micro = 0  # no loader position for this rank: the epoch restarts
+    print0(f"resumed from {found.path} (epoch {st.epoch}, step {st.step})")
 
 
-def _apply_changed_hparams(run: Run, saved: dict[str, float] | None) -> None:
+def _apply_changed_hparams(run: Run) -> None:
     """Make ``optim.lr`` / ``optim.weight_decay`` of this run's config win over the checkpoint's.
 
     Resuming restores the optimizer's param groups and the schedule as they were saved; a PBT
@@ -192,34 +237,46 @@ def _apply_changed_hparams(run: Run, saved: dict[str, float] | None) -> None:
     nothing. The LR schedule is rescaled by new/old peak; weight decay is set on the groups
     :func:`trainer.factories.create_optimizer` marked as decaying (norms and biases keep none).
     """
+    saved = run.hparams.saved
     if not saved:
         return
     o = run.cfg.optim
     if o.lr != saved["lr"]:
         run.schedule.rescale(o.lr / saved["lr"])
-        print0(f"optim.lr changed since the checkpoint ({saved['lr']:g} -> {o.lr:g}): "
-               "the LR schedule is rescaled")  # fmt: skip
+        print0(
+            f"optim.lr changed since the checkpoint ({saved['lr']:g} -> {o.lr:g}): "
+            "the LR schedule is rescaled"
+        )
     if o.weight_decay != saved["weight_decay"]:
         for group in run.backend.optimizer.param_groups:
             if group.get("decay", True):
                 group["weight_decay"] = o.weight_decay
-        print0(f"optim.weight_decay changed since the checkpoint ({saved['weight_decay']:g} -> "
-               f"{o.weight_decay:g})")  # fmt: skip
+        print0(
+            "optim.weight_decay changed since the checkpoint "
+            f"({saved['weight_decay']:g} -> {o.weight_decay:g})"
+        )
 
 
 def _save(run: Run, epoch_end: bool, metric: float | None) -> Path:
     st = run.state
-    saved = {
-        "hparams": {"lr": run.cfg.optim.lr, "weight_decay": run.cfg.optim.weight_decay},
-        "state": {k: getattr(st, k) for k in TrainState.__dataclass_fields__},
-        "schedule": run.schedule.state_dict(),
-        "ema": run.ema.state_dict() if run.ema is not None else None,
-    }
-    mine = {"rng": rng_state(), "loader": run.train_loader.state_dict()}
+    marker = CheckpointMarker(
+        step=st.step,
+        epoch=st.epoch,
+        epoch_end=epoch_end,
+        metric=metric,
+        world_size=run.info.world_size,
+        backend=run.cfg.backend.name,
+        classes=run.classes,
+    )
     path = save_checkpoint(
-        run.rundir.checkpoints, st.step, st.epoch, epoch_end, run.backend, saved, mine, run.cfg,
-        run.cfg.backend.name, run.classes, metric, run.info.rank, run.info.world_size,
-    )  # fmt: skip
+        run.rundir.checkpoints,
+        run.backend,
+        marker,
+        shared=run.shared_components(),
+        per_rank=run.rank_components(),
+        config=run.cfg,
+        rank=run.info.rank,
+    )
     if run.info.is_main:
         c = run.cfg.checkpoint
         prune_checkpoints(run.rundir.checkpoints, c.keep_last, c.keep_best, run.mode)
@@ -234,7 +291,19 @@ def validate(
     autocast: Callable[[], contextlib.AbstractContextManager[None]],
     device: torch.device,
 ) -> dict[str, Any]:
-    """One synchronised validation pass (collective); returns the task's results."""
+    """One synchronised validation pass (collective).
+
+    Args:
+        task: Scores the batches.
+        model: The model to evaluate (put in eval mode for the pass, then restored).
+        loader: The validation loader.
+        prepare: Moves an input batch to the model's device and format.
+        autocast: Makes the autocast context of the forwards.
+        device: Where the task's metric state lives.
+
+    Returns:
+        The task's results.
+    """
     was_training = model.training
     model.eval()
     task.eval_reset(device)
@@ -245,7 +314,7 @@ def validate(
     return task.eval_compute()
 
 
-def _rng_neutral(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def _rng_neutral(loader: Iterable[TaskBatch]) -> Iterator[TaskBatch]:
     """Iterate ``loader`` without its start-up touching torch's global RNG.
 
     A DataLoader draws its workers' base seed from the global RNG when its iterator starts. A
@@ -260,12 +329,6 @@ def _rng_neutral(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         return
     yield first
     yield from it
-
-
-def _improved(value: float, best: float | None, mode: str) -> bool:
-    if value != value:  # nan never improves
-        return False
-    return best is None or (value > best if mode == "max" else value < best)
 
 
 def _exit_for_requeue(step: int) -> None:
@@ -299,80 +362,140 @@ def fit(cfg: TrainConfig, on_epoch_end: EpochHook | None = None) -> dict[str, An
             preempt.restore()
 
 
-def _fit(cfg: TrainConfig, on_epoch_end: EpochHook | None, preempt: Preemption | None) -> dict:
+def _fit(
+    cfg: TrainConfig, on_epoch_end: EpochHook | None, preempt: Preemption | None
+) -> dict[str, Any]:
     run = build_run(cfg)
-    st, b, t = run.state, run.backend, cfg.train
-    eval_model = run.ema.module if run.ema is not None else b.module
-    for epoch in range(st.epoch, t.epochs):
-        st.epoch = epoch
-        run.train_loader.set_epoch(epoch)
-        b.train()
-        bar = tqdm(total=run.micro_per_epoch, initial=st.micro, desc=f"epoch {epoch}",
-                   disable=not run.info.is_main, dynamic_ncols=True)  # fmt: skip
-        loss_sum = torch.tensor(st.epoch_loss if st.micro else 0.0, device=b.device)
-        n_seen = 0
-        t0 = time.perf_counter()
-        batches = _rng_neutral(itertools.islice(run.train_loader, run.micro_per_epoch - st.micro))
-        for batch in batches:
-            with b.micro_step():
-                loss, n = run.task.train_loss(b, batch)
-                b.backward(loss)
-            loss_sum += loss.detach().float()
-            n_seen, st.micro = n_seen + n, st.micro + 1
-            bar.update()
-            if not b.step():
-                continue
-            st.step += 1
-            run.schedule.step()
-            if run.ema is not None:
-                broadcast_buffers(b.module)
-                run.ema.update(b.module, step=st.step)
-            if st.step % t.log_every == 0:
-                rate = n_seen * run.info.world_size / (time.perf_counter() - t0)
-                logs = {"train/loss": loss_sum.item() / st.micro, "train/lr": run.schedule.lr(),
-                        "train/samples_per_s": rate}  # fmt: skip
-                bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}",
-                                sps=f"{rate:.0f}")  # fmt: skip
-                run.rundir.log_scalars(st.step, logs)
-            every = cfg.checkpoint.save_every_steps
-            mid_epoch = st.micro < run.micro_per_epoch
-            stop = mid_epoch and preempt is not None and any_rank_requested(preempt)
-            if (stop or (every and st.step % every == 0)) and mid_epoch:
-                st.epoch_loss = loss_sum.item()
-                _save(run, epoch_end=False, metric=None)
-            if stop:
-                _exit_for_requeue(st.step)
-        bar.close()
-        broadcast_buffers(b.module)
-        results = validate(run.task, eval_model, run.val_loader, b.to_input, b.autocast, b.device)
-        value = float(results.get(run.metric, float("nan")))
-        run.schedule.step_epoch(value)
-        row = {"epoch": epoch, "step": st.step, "train_loss": loss_sum.item() / st.micro,
-               "lr": run.schedule.lr(), **scalars(results, "val_")}  # fmt: skip
-        st.history.append(row)
-        if _improved(value, st.best, run.mode):
-            st.best, st.best_epoch, st.bad_epochs, st.best_metrics = value, epoch, 0, results
-        else:
-            st.bad_epochs += 1
-        st.last_metrics = results
-        print0(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
-        run.rundir.log_scalars(st.step, {f"epoch/{k}": v for k, v in row.items()})
-        if run.info.is_main:
-            run.rundir.write_history(st.history)
-            run.task.write_reports(run.rundir.path, cfg.data.val_split, results)
-        st.micro = 0
-        saved_at = _save(run, epoch_end=True, metric=value)
-        if on_epoch_end is not None:
-            on_epoch_end(row, saved_at)
-        if preempt is not None and epoch + 1 < t.epochs and any_rank_requested(preempt):
-            _exit_for_requeue(st.step)
-        if t.early_stop.patience and st.bad_epochs >= t.early_stop.patience:
-            print0(f"early stop: {run.metric} did not improve for {st.bad_epochs} epochs")
+    for epoch in range(run.state.epoch, cfg.train.epochs):
+        run.state.epoch = epoch
+        train_loss = _train_epoch(run, preempt)
+        if _end_epoch(run, train_loss, on_epoch_end, preempt):
             break
-    summary = {"metric": run.metric, "mode": run.mode, "best_epoch": st.best_epoch,
-               "best_value": st.best, "best": st.best_metrics, "final": st.last_metrics,
-               "epochs_run": len(st.history), "steps": st.step,
-               "run_dir": str(run.rundir.path)}  # fmt: skip
+    return _finish(run)
+
+
+@dataclass
+class _EpochProgress:
+    """Running totals of one epoch's training: the logs' loss and throughput, and resume's."""
+
+    loss_sum: torch.Tensor  # sum of the micro-batch losses, on the device (no sync per step)
+    samples: int = 0  # samples seen on this rank since this process started the epoch
+    start: float = field(default_factory=time.perf_counter)
+
+
+def _train_epoch(run: Run, preempt: Preemption | None) -> float:
+    """The epoch's micro-steps from where the state stands; returns its mean train loss."""
+    st, b = run.state, run.backend
+    run.train_loader.set_epoch(st.epoch)
+    b.train()
+    bar = tqdm(
+        total=run.micro_per_epoch,
+        initial=st.micro,
+        desc=f"epoch {st.epoch}",
+        disable=not run.info.is_main,
+        dynamic_ncols=True,
+    )
+    progress = _EpochProgress(torch.tensor(st.epoch_loss if st.micro else 0.0, device=b.device))
+    batches = _rng_neutral(itertools.islice(run.train_loader, run.micro_per_epoch - st.micro))
+    for batch in batches:
+        with b.micro_step():
+            loss, n = run.task.train_loss(b, batch)
+            b.backward(loss)
+        progress.loss_sum += loss.detach().float()
+        progress.samples += n
+        st.micro += 1
+        bar.update()
+        if b.step():
+            _after_optimizer_step(run, progress, bar, preempt)
+    bar.close()
+    return progress.loss_sum.item() / st.micro
+
+
+def _after_optimizer_step(
+    run: Run, progress: _EpochProgress, bar: tqdm, preempt: Preemption | None
+) -> None:
+    """Schedule, EMA, logs, then a mid-epoch checkpoint when due or when pre-empted."""
+    st = run.state
+    st.step += 1
+    run.schedule.step()
+    if run.ema is not None:
+        broadcast_buffers(run.backend.module)
+        run.ema.update(run.backend.module, step=st.step)
+    if st.step % run.cfg.train.log_every == 0:
+        _log_train(run, progress, bar)
+    every = run.cfg.checkpoint.save_every_steps
+    mid_epoch = st.micro < run.micro_per_epoch
+    stop = mid_epoch and preempt is not None and any_rank_requested(preempt)  # collective
+    if (stop or (every and st.step % every == 0)) and mid_epoch:
+        st.epoch_loss = progress.loss_sum.item()
+        _save(run, epoch_end=False, metric=None)
+    if stop:
+        _exit_for_requeue(st.step)
+
+
+def _log_train(run: Run, progress: _EpochProgress, bar: tqdm) -> None:
+    """Training loss, LR and throughput to the progress bar and TensorBoard."""
+    st = run.state
+    rate = progress.samples * run.info.world_size / (time.perf_counter() - progress.start)
+    loss, lr = progress.loss_sum.item() / st.micro, run.schedule.lr()
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
+    logs = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}
+    run.rundir.log_scalars(st.step, logs)
+
+
+def _end_epoch(
+    run: Run, train_loss: float, on_epoch_end: EpochHook | None, preempt: Preemption | None
+) -> bool:
+    """Validate, record, write the epoch's files and checkpoint, call the hook.
+
+    Returns:
+        Whether early stopping ends training here.
+    """
+    st, b, t = run.state, run.backend, run.cfg.train
+    broadcast_buffers(b.module)
+    eval_model = run.ema.module if run.ema is not None else b.module
+    results = validate(run.task, eval_model, run.val_loader, b.to_input, b.autocast, b.device)
+    value = float(results.get(run.metric, float("nan")))
+    run.schedule.step_epoch(value)
+    row = {
+        "epoch": st.epoch,
+        "step": st.step,
+        "train_loss": train_loss,
+        "lr": run.schedule.lr(),
+        **scalars(results, "val_"),
+    }
+    st.end_epoch(row, value, results, run.mode)
+    print0(f"epoch {st.epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
+    run.rundir.log_scalars(st.step, {f"epoch/{k}": v for k, v in row.items()})
+    if run.info.is_main:
+        run.rundir.write_history(st.history)
+        run.task.write_reports(run.rundir.path, run.cfg.data.val_split, results)
+    st.micro = 0
+    saved_at = _save(run, epoch_end=True, metric=value)
+    if on_epoch_end is not None:
+        on_epoch_end(row, saved_at)
+    if preempt is not None and st.epoch + 1 < t.epochs and any_rank_requested(preempt):
+        _exit_for_requeue(st.step)
+    if t.early_stop.patience and st.bad_epochs >= t.early_stop.patience:
+        print0(f"early stop: {run.metric} did not improve for {st.bad_epochs} epochs")
+        return True
+    return False
+
+
+def _finish(run: Run) -> dict[str, Any]:
+    """Write ``metrics.json`` and close the run directory; returns the summary."""
+    st = run.state
+    summary = {
+        "metric": run.metric,
+        "mode": run.mode,
+        "best_epoch": st.best_epoch,
+        "best_value": st.best,
+        "best": st.best_metrics,
+        "final": st.last_metrics,
+        "epochs_run": len(st.history),
+        "steps": st.step,
+        "run_dir": str(run.rundir.path),
+    }
     run.rundir.write_metrics(summary)
     run.rundir.close()
     return summary
@@ -396,9 +519,6 @@ def evaluate(
     Returns:
         The task's results.
     """
-    from srmri.config import apply_overrides, config_from_dict, config_to_dict
-    from trainer.export import checkpoint_config, load_fp32_weights
-
     ckpt = resolve_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt)
     if overrides:
@@ -411,22 +531,17 @@ def evaluate(
     model.load_state_dict(load_fp32_weights(ckpt))
     fmt = torch.channels_last if cfg.model.channels_last else torch.preserve_format
     model = model.to(info.device, memory_format=fmt)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
-
-    def autocast() -> contextlib.AbstractContextManager[None]:
-        return torch.autocast(info.device.type, dtype=dtype, enabled=dtype is not None)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
         return x.to(info.device, memory_format=fmt if x.ndim == 4 else torch.preserve_format)
 
     loader = _loader(cfg, task, split, False, info)
-    results = validate(task, model, loader, prepare, autocast, info.device)
-    out = Path(out_dir) if out_dir else ckpt.path.parent.parent / f"eval-{split}"
+    amp = functools.partial(precision_autocast, info.device, cfg.train.precision)
+    results = validate(task, model, loader, prepare, amp, info.device)
+    out = Path(out_dir) if out_dir else eval_dir_of(ckpt.path.parent.parent, split)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        from trainer.rundir import write_json
-
-        write_json(out / f"metrics_{split}.json", {"checkpoint": str(ckpt.path), **results})
+        write_json(eval_metrics_path(out, split), {"checkpoint": str(ckpt.path), **results})
         task.write_reports(out, split, results)
         print0(f"{split}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars(results).items()))
     return results

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,34 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from srmri import atomic
 from srmri.config import save_config
 
-__all__ = ["RunDir", "scalars", "write_json", "write_predictions"]
+__all__ = [
+    "RunDir",
+    "eval_dir_of",
+    "eval_metrics_path",
+    "predictions_path",
+    "scalars",
+    "write_json",
+    "write_predictions",
+]
+
+
+def eval_dir_of(run_dir: Path, split: str) -> Path:
+    """Where ``trainer evaluate`` writes a split's results by default: ``RUN/eval-<split>``."""
+    return Path(run_dir) / f"eval-{split}"
+
+
+def eval_metrics_path(folder: Path, split: str) -> Path:
+    """The metrics file an evaluation of ``split`` writes into ``folder``."""
+    return Path(folder) / f"metrics_{split}.json"
+
+
+def predictions_path(folder: Path, split: str, is_val: bool = False) -> Path:
+    """Per-sample predictions of ``split`` in ``folder`` (the validation split's keeps the
+    plain name a run directory has always promised: ``predictions.parquet``)."""
+    return Path(folder) / ("predictions.parquet" if is_val else f"predictions_{split}.parquet")
 
 
 def scalars(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -46,10 +70,16 @@ def _clean(value: Any) -> Any:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
-    """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=1))
-    os.replace(tmp, path)
+    """Write JSON atomically, NaN and infinities as null.
+
+    Args:
+        path: Output file.
+        data: What to write.
+
+    Returns:
+        The written path.
+    """
+    atomic.write_json(path, _clean(data))
     return path
 
 
@@ -74,9 +104,8 @@ def write_predictions(
     for i, name in enumerate(classes):
         columns[f"prob_{name}"] = pa.array([float(r[2][i]) for r in rows], pa.float32())
     table = pa.table(columns).replace_schema_metadata({"classes": json.dumps(list(classes))})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:
+        pq.write_table(table, str(tmp))
     return path
 
 
@@ -123,12 +152,10 @@ class RunDir:
         fields: list[str] = []
         for row in history:
             fields += [k for k in row if k not in fields]
-        tmp = self.path / ".metrics.csv.tmp"
-        with open(tmp, "w", newline="") as fh:
+        with atomic.atomic_path(self.path / "metrics.csv") as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(history)
-        os.replace(tmp, self.path / "metrics.csv")
         from trainer.plots import plot_curves
 
         plot_curves(history, self.path / "curves.png")
