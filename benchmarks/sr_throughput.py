@@ -23,7 +23,7 @@ from shards.enhance import EnhanceSpec, enhance
 from shards.ingest import ingest
 from shards.ingest_config import IngestConfig
 from srmri.config import load_config
-from trainer.srnet import count_parameters, create_sr_model
+from trainer.srnet import SRConfig, count_parameters, create_sr_model
 
 
 def train_rate(net: torch.nn.Module, scale: int, patch: int, batch: int, steps: int) -> float:
@@ -67,7 +67,7 @@ def main() -> None:
         cfg = DegradeConfig(scale=args.scale)
         lr = torch.stack([degrade(torch.rand(1, args.size, args.size), cfg, None)[0]] * args.n)
         for preset in ("tiny", "full"):
-            net = create_sr_model("edsr", args.scale, preset)
+            net = create_sr_model(SRConfig(arch="edsr", scale=args.scale, preset=preset))
             train = train_rate(net, args.scale, 64, args.batch, args.steps)
             net.eval()
             only = model_rate(net, lr, args.batch)

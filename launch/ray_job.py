@@ -133,20 +133,22 @@ def anchor_fit_paths(program: Program, base: Path) -> tuple[Program, str | None]
 def ray_entrypoint(options: RayOptions, program: Program) -> list[str]:
     """The job's entrypoint: ``launch local`` (torchrun) for a trainer run, else the program."""
     if program.distributed:
-        return ["python", "-m", "launch", "local", f"--nproc={options.nproc}", "--",
-                program.module, *program.args]  # fmt: skip
+        local = ["python", "-m", "launch", "local", f"--nproc={options.nproc}"]
+        return [*local, "--", program.module, *program.args]
     return program.python_argv()
 
 
 def ray_submit_command(options: RayOptions, program: Program, submission_id: str) -> list[str]:
     """``ray job submit --no-wait ...`` for ``program`` (the job id chosen up front)."""
     cmd = [
-        "ray", "job", "submit",
+        "ray",
+        "job",
+        "submit",
         f"--address={ray_address(options.address)}",
         f"--working-dir={Path(options.working_dir).resolve()}",
         f"--submission-id={submission_id}",
         "--no-wait",
-    ]  # fmt: skip
+    ]
     if options.cpus:
         cmd.append(f"--entrypoint-num-cpus={options.cpus:g}")
     if options.gpus:
@@ -192,9 +194,10 @@ def run_ray(options: RayOptions, program: Program, dry_run: bool = False) -> int
     if run_dir is not None:
         print(f"run directory: {run_dir} (on the node that runs the job)", file=sys.stderr)
     elif program.module == "tune":
-        print("results: the search's experiment folder (experiment.storage/name of its config; "
-              "the job log ends with it)", file=sys.stderr)  # fmt: skip
-    print(f"status: python -m launch status {job_id} --address {address}   "
-          f"logs: python -m launch logs {job_id} --address {address}", file=sys.stderr)  # fmt: skip
+        where = "experiment.storage/name of its config; the job log ends with it"
+        print(f"results: the search's experiment folder ({where})", file=sys.stderr)
+    status = f"python -m launch status {job_id} --address {address}"
+    logs = f"python -m launch logs {job_id} --address {address}"
+    print(f"status: {status}   logs: {logs}", file=sys.stderr)
     print(job_id, flush=True)
     return 0

@@ -282,7 +282,7 @@ def run_slurm(options: SlurmOptions, program: Program, dry_run: bool = False) ->
     _, out = job_dirs(options)
     print(f"submitted Slurm job {job}", file=sys.stderr)
     print(f"log: {out}/{options.job_name}-{job}.out", file=sys.stderr)
-    print(f"status: python -m launch status {job}   logs: python -m launch logs {job}",
-          file=sys.stderr)  # fmt: skip
+    logs = f"python -m launch logs {job}"
+    print(f"status: python -m launch status {job}   logs: {logs}", file=sys.stderr)
     print(job, flush=True)
     return 0

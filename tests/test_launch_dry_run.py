@@ -65,9 +65,18 @@ def test_local_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
 def test_deepspeed_dry_run_with_hosts(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     hostfile = tmp_path / "hostfile"
     out, _ = _dry(
-        capsys, "deepspeed", "--hosts", "gpu01:4,gpu02:4", "--hostfile", str(hostfile),
-        "--port", "29600", "--dry-run", "--", *FIT,
-    )  # fmt: skip
+        capsys,
+        "deepspeed",
+        "--hosts",
+        "gpu01:4,gpu02:4",
+        "--hostfile",
+        str(hostfile),
+        "--port",
+        "29600",
+        "--dry-run",
+        "--",
+        *FIT,
+    )
     assert out == (
         f"# hostfile {hostfile}\ngpu01 slots=4\ngpu02 slots=4\n"
         f"deepspeed --hostfile={hostfile} --master_addr=gpu01 --master_port=29600 "
@@ -82,8 +91,18 @@ def test_deepspeed_falls_back_to_torchrun_without_gpu(capsys: pytest.CaptureFixt
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the DeepSpeed launcher itself is used")
-    out, err = _dry(capsys, "deepspeed", "--nproc", "2", "--port", "29601", "--dry-run", "--",
-                    *FIT, "backend.zero_stage=1")  # fmt: skip
+    out, err = _dry(
+        capsys,
+        "deepspeed",
+        "--nproc",
+        "2",
+        "--port",
+        "29601",
+        "--dry-run",
+        "--",
+        *FIT,
+        "backend.zero_stage=1",
+    )
     assert "no GPU on this machine; falling back to torchrun" in err
     assert out.strip() == (
         "torchrun --nnodes=1 --nproc-per-node=2 --rdzv-backend=c10d "
@@ -103,12 +122,38 @@ def test_hosts_parsing() -> None:
 
 def test_slurm_dry_run_script(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out, _ = _dry(
-        capsys, "slurm", "--nodes", "4", "--gpus-per-node", "8", "--cpus-per-task", "64",
-        "--mem", "480G", "--time", "12:00:00", "--partition", "gpu", "--account", "proj42",
-        "--qos", "high", "--job-name", "sr-x4", "--setup", "module load cuda/12.4",
-        "--setup", "source .venv/bin/activate", "--output-dir", "logs", "--workdir",
-        str(tmp_path), "--dry-run", "--", *FIT,
-    )  # fmt: skip
+        capsys,
+        "slurm",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--cpus-per-task",
+        "64",
+        "--mem",
+        "480G",
+        "--time",
+        "12:00:00",
+        "--partition",
+        "gpu",
+        "--account",
+        "proj42",
+        "--qos",
+        "high",
+        "--job-name",
+        "sr-x4",
+        "--setup",
+        "module load cuda/12.4",
+        "--setup",
+        "source .venv/bin/activate",
+        "--output-dir",
+        "logs",
+        "--workdir",
+        str(tmp_path),
+        "--dry-run",
+        "--",
+        *FIT,
+    )
     sbatch = [line for line in out.splitlines() if line.startswith("#SBATCH")]
     assert [line.split("#", 2)[1].strip() for line in sbatch] == [
         "SBATCH --job-name=sr-x4",
@@ -132,14 +177,33 @@ def test_slurm_dry_run_script(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert "port=$((20000 + SLURM_JOB_ID % 20000))" in out
     command = out[out.index("srun ") : out.index(" &\n")]
     assert command.split() == [
-        "srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "\\",
-        "torchrun", "\\", "--nnodes=$SLURM_JOB_NUM_NODES", "\\", "--nproc-per-node=8", "\\",
-        "--rdzv-backend=c10d", "\\", '--rdzv-endpoint="$head_addr:$port"', "\\",
-        '--rdzv-id="$SLURM_JOB_ID"', "\\",
-        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2", "\\",
-        "-m", "trainer", "fit", "--config", "configs/debug.yaml", "data.root=/data/set",
+        "srun",
+        "--nodes=4",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        "\\",
+        "torchrun",
+        "\\",
+        "--nnodes=$SLURM_JOB_NUM_NODES",
+        "\\",
+        "--nproc-per-node=8",
+        "\\",
+        "--rdzv-backend=c10d",
+        "\\",
+        '--rdzv-endpoint="$head_addr:$port"',
+        "\\",
+        '--rdzv-id="$SLURM_JOB_ID"',
+        "\\",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2",
+        "\\",
+        "-m",
+        "trainer",
+        "fit",
+        "--config",
+        "configs/debug.yaml",
+        "data.root=/data/set",
         "name=run1",
-    ]  # fmt: skip
+    ]
     assert "trap 'preempted=1;" in out and "' USR1\n" in out
     assert 'scontrol requeue "$SLURM_JOB_ID"' in out
     # torchrun runs the trainer; no other Python is started; and bash accepts the script.
@@ -151,8 +215,9 @@ def test_slurm_dry_run_script(capsys: pytest.CaptureFixture[str], tmp_path: Path
 
 
 def test_slurm_dry_run_without_preemption_and_for_tune(capsys: pytest.CaptureFixture[str]) -> None:
-    out, _ = _dry(capsys, "slurm", "--signal", "", "--no-requeue", "--port", "29700",
-                  "--dry-run", "--", *FIT)  # fmt: skip
+    out, _ = _dry(
+        capsys, "slurm", "--signal", "", "--no-requeue", "--port", "29700", "--dry-run", "--", *FIT
+    )
     assert "--requeue" not in out and "--signal" not in out and "trap" not in out
     assert "port=29700" in out and "--nproc-per-node=1" in out
     out, _ = _dry(capsys, "slurm", "--dry-run", "--", "tune", "run", "space.yaml")
@@ -190,10 +255,25 @@ def test_ray_dry_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None
 
         os.chdir(tmp_path)
         out, _ = _dry(
-            capsys, "ray", "--address", "http://head:8265", "--working-dir", str(tmp_path),
-            "--nproc", "2", "--cpus", "2", "--submission-id", "job-1", "--dry-run", "--",
-            "fit", "--config", str(config), "name=r",
-        )  # fmt: skip
+            capsys,
+            "ray",
+            "--address",
+            "http://head:8265",
+            "--working-dir",
+            str(tmp_path),
+            "--nproc",
+            "2",
+            "--cpus",
+            "2",
+            "--submission-id",
+            "job-1",
+            "--dry-run",
+            "--",
+            "fit",
+            "--config",
+            str(config),
+            "name=r",
+        )
     finally:
         os.chdir(cwd)
     assert out.strip() == (

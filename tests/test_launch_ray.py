@@ -24,8 +24,12 @@ import pytest
 from helpers import free_port, make_shard_set
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1",
-       "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}  # fmt: skip
+ENV = {
+    **os.environ,
+    "RAY_AUTH_MODE": "disabled",
+    "OMP_NUM_THREADS": "1",
+    "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+}
 ENV.pop("RAY_ADDRESS", None)
 _END = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -88,15 +92,31 @@ def ray_cluster() -> Iterator[RayCluster]:
     temp_dir = Path(f"/tmp/rl{os.getpid()}")  # short: Ray's socket paths have a length limit
     gcs, dash = free_port(), free_port()
     cluster = RayCluster(f"http://127.0.0.1:{dash}", temp_dir, gcs)
-    common = ["--num-cpus=1", "--disable-usage-stats", "--object-store-memory=300000000",
-              "--node-ip-address=127.0.0.1"]  # fmt: skip
+    common = [
+        "--num-cpus=1",
+        "--disable-usage-stats",
+        "--object-store-memory=300000000",
+        "--node-ip-address=127.0.0.1",
+    ]
     try:
-        _ray("start", "--head", f"--port={gcs}", "--include-dashboard=true",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
-             f"--ray-client-server-port={free_port()}",
-             f"--dashboard-agent-listen-port={free_port()}", *common)  # fmt: skip
-        _ray("start", f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={free_port()}",
-             *common)  # fmt: skip
+        _ray(
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--temp-dir={temp_dir}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            *common,
+        )
+        _ray(
+            "start",
+            f"--address=127.0.0.1:{gcs}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            *common,
+        )
         yield cluster
     finally:
         stop_ray(cluster)
@@ -137,10 +157,20 @@ def test_two_process_trainer_run_lands_where_the_user_is_told(
     make_shard_set(tmp_path / "data", {"train": [16, 16], "val": [8, 8]}, size=32)
     # Relative paths, as a user types them: launch makes them absolute and prints the run dir.
     job, told = submit(
-        tmp_path, ray_cluster, "--working-dir", str(ROOT), "--nproc", "2", "--",
-        "fit", "--config", str(ROOT / "configs/debug.yaml"), "data.root=data",
-        "out_dir=results", "name=rayfit",
-    )  # fmt: skip
+        tmp_path,
+        ray_cluster,
+        "--working-dir",
+        str(ROOT),
+        "--nproc",
+        "2",
+        "--",
+        "fit",
+        "--config",
+        str(ROOT / "configs/debug.yaml"),
+        "data.root=data",
+        "out_dir=results",
+        "name=rayfit",
+    )
     run_dir = tmp_path / "results" / "rayfit"
     assert f"run directory: {run_dir} " in told
     state = wait_ray_job(ray_cluster, job)
@@ -159,8 +189,9 @@ def test_tiny_script_job_status_and_logs(ray_cluster: RayCluster, tmp_path: Path
         "print('wrote', sys.argv[1])\n"
     )
     out = tmp_path / "out.txt"
-    job, _ = submit(tmp_path, ray_cluster, "--working-dir", ".", "--",
-                    "python", "-m", "hello_job", str(out))  # fmt: skip
+    job, _ = submit(
+        tmp_path, ray_cluster, "--working-dir", ".", "--", "python", "-m", "hello_job", str(out)
+    )
     assert wait_ray_job(ray_cluster, job) == "SUCCEEDED"
     assert out.read_text() == "hello from a Ray job"
     status = launch(tmp_path, "status", job, "--address", ray_cluster.address)
@@ -170,8 +201,16 @@ def test_tiny_script_job_status_and_logs(ray_cluster: RayCluster, tmp_path: Path
 
 
 def test_stop_a_running_ray_job(ray_cluster: RayCluster, tmp_path: Path) -> None:
-    job, _ = submit(tmp_path, ray_cluster, "--working-dir", ".", "--",
-                    "python", "-c", "import time; time.sleep(120)")  # fmt: skip
+    job, _ = submit(
+        tmp_path,
+        ray_cluster,
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "-c",
+        "import time; time.sleep(120)",
+    )
     stop = launch(tmp_path, "cancel", job, "--address", ray_cluster.address)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert wait_ray_job(ray_cluster, job, timeout=60) == "STOPPED"
@@ -184,10 +223,19 @@ def test_tune_search_as_a_ray_job(ray_cluster: RayCluster, tmp_path: Path) -> No
         pytest.fail(f"tune exists but its tiny search config {space} does not")
     make_shard_set(tmp_path / "data", {"train": [16, 16], "val": [8, 8]}, size=32)
     job, _ = submit(
-        tmp_path, ray_cluster, "--working-dir", str(ROOT), "--",
-        "tune", "run", "--config", "configs/tune-debug.yaml", f"data.root={tmp_path / 'data'}",
-        "num_samples=2", f"experiment.storage={tmp_path / 'tune'}",
-    )  # fmt: skip
+        tmp_path,
+        ray_cluster,
+        "--working-dir",
+        str(ROOT),
+        "--",
+        "tune",
+        "run",
+        "--config",
+        "configs/tune-debug.yaml",
+        f"data.root={tmp_path / 'data'}",
+        "num_samples=2",
+        f"experiment.storage={tmp_path / 'tune'}",
+    )
     state = wait_ray_job(ray_cluster, job, timeout=400)
     logs = launch(tmp_path, "logs", job, "--address", ray_cluster.address)
     assert state == "SUCCEEDED", logs.stdout[-3000:]

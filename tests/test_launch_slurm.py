@@ -77,10 +77,17 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Work:
 def fit_args(work: Work, name: str) -> list[str]:
     """A tiny 2-rank CPU run: one epoch of 24 steps, deterministic, nothing saved mid-epoch."""
     return [
-        "fit", "--config", str(ROOT / "configs/debug.yaml"), f"data.root={work.data}",
-        f"out_dir={work.base / 'runs'}", f"name={name}", "data.batch_size=2",
-        "train.epochs=1", "train.max_steps_per_epoch=null", "train.deterministic=true",
-    ]  # fmt: skip
+        "fit",
+        "--config",
+        str(ROOT / "configs/debug.yaml"),
+        f"data.root={work.data}",
+        f"out_dir={work.base / 'runs'}",
+        f"name={name}",
+        "data.batch_size=2",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=null",
+        "train.deterministic=true",
+    ]
 
 
 def launch(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -94,9 +101,17 @@ def submit(work: Work, name: str, *options: str, program: list[str] | None = Non
     """Submit through ``launch slurm`` and return the job id it prints."""
     setup = f"source {Path(sys.executable).parent}/activate"
     done = launch(
-        "slurm", "--job-name", name, "--output-dir", str(work.base / "slurm"), "--setup", setup,
-        *options, "--", *(program or fit_args(work, name)),
-    )  # fmt: skip
+        "slurm",
+        "--job-name",
+        name,
+        "--output-dir",
+        str(work.base / "slurm"),
+        "--setup",
+        setup,
+        *options,
+        "--",
+        *(program or fit_args(work, name)),
+    )
     assert done.returncode == 0, done.stderr
     job = done.stdout.strip()
     assert job.isdigit(), done.stdout

@@ -86,8 +86,15 @@ def test_report_has_every_section(finished: Path) -> None:
     assert res["sr"]["best"]["sr_psnr"] > 0 and "zero_fill_psnr" in res["sr"]["best"]
     assert res["test_keys_sha256"] == read_index(finished / "data").test_keys_sha256
     html = (finished / "report.html").read_text()
-    for heading in ("Arms", "Paired comparisons", "Super-resolution", "Learning curves",
-                    "Confusion matrices", "SR examples", "Grad-CAM"):  # fmt: skip
+    for heading in (
+        "Arms",
+        "Paired comparisons",
+        "Super-resolution",
+        "Learning curves",
+        "Confusion matrices",
+        "SR examples",
+        "Grad-CAM",
+    ):
         assert heading in html, heading
     assert html.count("data:image/png;base64,") == 4  # self-contained: every figure inline
     md = (finished / "report.md").read_text()
@@ -97,8 +104,9 @@ def test_report_has_every_section(finished: Path) -> None:
 
 
 def test_rerun_skips_every_stage(finished: Path, tmp_path: Path) -> None:
-    again = subprocess.run(_cmd(finished), cwd=ROOT, env=_env(tmp_path), capture_output=True,
-                           text=True)  # fmt: skip
+    again = subprocess.run(
+        _cmd(finished), cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "running" not in again.stdout.replace("[pipeline] report", "")
     assert again.stdout.count("done before") == 3 + 2 * 4 * 2  # data, sr, enhance; fit+eval x8
@@ -117,8 +125,11 @@ def _chromium() -> str:
     if found:
         return found
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
-                       capture_output=True, check=False)  # fmt: skip
+        subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
+            capture_output=True,
+            check=False,
+        )
     found = shutil.which("chromium")
     if found is None:
         if os.environ.get("CI"):
@@ -129,11 +140,22 @@ def _chromium() -> str:
 
 def test_report_renders_in_headless_chromium(finished: Path, tmp_path: Path) -> None:
     shot = tmp_path / "report.png"
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars",
-           "--window-size=1200,2400", f"--screenshot={shot}",
-           (finished / "report.html").resolve().as_uri()]  # fmt: skip
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--hide-scrollbars",
+        "--window-size=1200,2400",
+        f"--screenshot={shot}",
+        (finished / "report.html").resolve().as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 20_000, proc.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)

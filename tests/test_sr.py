@@ -21,7 +21,7 @@ from shards.verify import verify
 from trainer.config import load_train_config
 from trainer.loop import fit
 from trainer.metrics import masked_psnr
-from trainer.srnet import count_parameters, create_sr_model
+from trainer.srnet import SRConfig, count_parameters, create_sr_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,9 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def sr_config(data: Path, out: Path, *extra: str):
     return load_train_config(
         ROOT / "configs" / "sr-debug.yaml",
-        [f"data.root={data}", f"out_dir={out}", "train.epochs=1", "train.max_steps_per_epoch=3",
-         *extra],
-    )  # fmt: skip
+        [
+            f"data.root={data}",
+            f"out_dir={out}",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=3",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +47,11 @@ def shard_root(tmp_path_factory) -> Path:
 
 
 def test_presets_and_shapes():
-    full = create_sr_model("edsr", 2, "full")
+    full = create_sr_model(SRConfig(arch="edsr", scale=2, preset="full"))
     assert 1.2e6 < count_parameters(full) < 1.6e6  # EDSR-baseline size at x2
     for arch in ("edsr", "srresnet"):
         for scale in (2, 4):
-            net = create_sr_model(arch, scale, "tiny")
+            net = create_sr_model(SRConfig(arch=arch, scale=scale, preset="tiny"))
             assert net(torch.rand(2, 1, 8, 8)).shape == (2, 1, 8 * scale, 8 * scale)
 
 
@@ -80,7 +85,7 @@ def test_overfitting_one_slice_beats_bicubic_clearly():
     hr = ((xx**2 + yy**2 < 0.7) * (0.5 + 0.3 * torch.sin(9 * xx) * torch.cos(7 * yy))).float()
     hr = hr[None, None]
     lr, _ = degrade(hr, DegradeConfig(scale=2), None)
-    net = create_sr_model("edsr", 2, "custom", blocks=4, features=32)
+    net = create_sr_model(SRConfig(arch="edsr", scale=2, preset="custom", blocks=4, features=32))
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     try:
         for _ in range(200):
@@ -98,7 +103,7 @@ def test_overfitting_one_slice_beats_bicubic_clearly():
 
 
 def _enhance_ddp(rank: int, world: int, src: str, out: str, stop_after: int) -> None:
-    net = create_sr_model("edsr", 2, "tiny").eval()
+    net = create_sr_model(SRConfig(arch="edsr", scale=2, preset="tiny")).eval()
     spec = EnhanceSpec(DegradeConfig(scale=2), seed=0, model_id="tiny-test", batch_size=3)
     if stop_after:  # simulate a crash: this rank finishes some shards and dies
         from shards import enhance as mod
@@ -145,8 +150,17 @@ def test_enhance_cli_from_a_trained_checkpoint(shard_root, tmp_path):
     summary = fit(sr_config(shard_root, tmp_path))
     out = tmp_path / "enhanced"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "shards", "enhance", "--checkpoint", summary["run_dir"],
-           "--out", str(out), str(shard_root)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "shards",
+        "enhance",
+        "--checkpoint",
+        summary["run_dir"],
+        "--out",
+        str(out),
+        str(shard_root),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert verify(out) == []

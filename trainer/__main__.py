@@ -8,6 +8,7 @@ accepted anywhere and ignored: the rank comes from the environment the launcher 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,11 +70,12 @@ def _predict(args: argparse.Namespace) -> None:
     from trainer.checkpoint import resolve_checkpoint
     from trainer.export import checkpoint_config, load_fp32_weights
     from trainer.factories import create_model
+    from trainer.input_kind import needs_sr
     from trainer.predict import predict_paths, write_predictions_csv
 
     ckpt = resolve_checkpoint(args.checkpoint)
     cfg = checkpoint_config(ckpt)
-    if cfg.data.inputs in ("sr", "lr+sr"):
+    if needs_sr(cfg.data.inputs):
         raise ValueError(
             f"{ckpt.path}: model was trained on SR-enhanced inputs; enhance the images with the "
             "SR model first (predict applies only the ingest preprocessing and hr/lr inputs)"
@@ -81,7 +83,8 @@ def _predict(args: argparse.Namespace) -> None:
     index = read_index(cfg.data.root)
     prep = index.config.get("preprocess") if isinstance(index.config, dict) else None
     pre_cfg = config_from_dict(PreprocessConfig, prep or {"size": index.image_size})
-    model = create_model(cfg.model.name, len(ckpt.classes))
+    # The weights come from the checkpoint: no pretrained file is read (it may be gone).
+    model = create_model(dataclasses.replace(cfg.model, pretrained_path=None), len(ckpt.classes))
     model.load_state_dict(load_fp32_weights(ckpt))
     model.to(args.device)
     transform = None
@@ -93,9 +96,15 @@ def _predict(args: argparse.Namespace) -> None:
             return upsample_to(small, (x.shape[-2], x.shape[-1]), d.upsample)
 
     rows = predict_paths(
-        model, args.paths, ckpt.classes, pre_cfg, args.device, args.batch_size, transform,
-        args.max_slices,
-    )  # fmt: skip
+        model,
+        args.paths,
+        ckpt.classes,
+        pre_cfg,
+        args.device,
+        batch_size=args.batch_size,
+        input_transform=transform,
+        max_slices=args.max_slices,
+    )
     write_predictions_csv(rows, args.out)
     print(f"wrote {len(rows)} rows to {args.out}")
 

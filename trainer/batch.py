@@ -7,11 +7,13 @@ add the keys below. A training step and the evaluation read only keys listed her
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from shards.sample import Batch, Sample
 
-__all__ = ["TaskBatch", "TaskSample"]
+__all__ = ["Prepare", "TaskBatch", "TaskSample", "Transform"]
 
 
 class TaskSample(Sample, total=False):
@@ -34,3 +36,9 @@ class TaskBatch(Batch, total=False):
 
     image2: torch.Tensor
     target: torch.Tensor
+
+
+# A task's per-sample loader transform (run in the loader's workers).
+Transform = Callable[[Sample], TaskSample]
+# Moves an evaluation batch's images to the model's device and memory format.
+Prepare = Callable[[torch.Tensor], torch.Tensor]

@@ -16,6 +16,8 @@ from typing import Literal
 from shards.degrade import DegradeConfig
 from srmri.config import config_hash, load_config, require
 from trainer.augment import AugmentConfig
+from trainer.input_kind import InputKind, needs_sr
+from trainer.precision import Precision
 from trainer.srnet import SRConfig
 
 __all__ = [
@@ -31,8 +33,6 @@ __all__ = [
     "load_train_config",
     "run_dir_of",
 ]
-
-Precision = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -55,7 +55,7 @@ class DataConfig:
     """
 
     root: str = ""
-    inputs: Literal["hr", "lr", "sr", "lr+sr"] = "hr"
+    inputs: InputKind = "hr"
     sr_root: str = ""
     degrade: DegradeConfig = field(default_factory=DegradeConfig)
     upsample: Literal["bicubic", "zero_fill"] = "bicubic"
@@ -69,7 +69,7 @@ class DataConfig:
     def check(self) -> None:
         require(bool(self.root), "data.root", "set the shard set to train on (data.root=PATH)")
         require(
-            self.inputs not in ("sr", "lr+sr") or bool(self.sr_root),
+            not needs_sr(self.inputs) or bool(self.sr_root),
             "data.sr_root",
             f"inputs={self.inputs} needs the enhanced shard set (data.sr_root=PATH)",
         )

@@ -14,21 +14,24 @@
 
 Augmentation (train only) runs after input selection, with its own generator from
 ``(seed, epoch, key + "#augment")`` so it never shares draws with the degradation. Adding an
-input kind means changing this file only; the loop never sees which one is in use.
+input kind means changing this file and :mod:`trainer.input_kind` (which lists the kinds and
+says which read the SR shard set); the loop never sees which one is in use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal, cast
 
 import torch
 
 from shards.degrade import EVAL_EPOCH, DegradeConfig, degrade, sample_generator, upsample_to
+from shards.sample import Sample
+from trainer.batch import TaskSample
+from trainer.input_kind import InputKind, check_input_kind, needs_sr
 
 __all__ = ["InputKind", "InputTransform", "aligned_roots_for"]
 
-InputKind = Literal["hr", "lr", "sr", "lr+sr"]
 Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
@@ -42,7 +45,7 @@ def aligned_roots_for(inputs: InputKind, sr_root: str) -> list[str]:
     Returns:
         ``[sr_root]`` for inputs that need the SR images, else ``[]``.
     """
-    return [sr_root] if inputs in ("sr", "lr+sr") else []
+    return [sr_root] if needs_sr(inputs) else []
 
 
 class InputTransform:
@@ -66,16 +69,14 @@ class InputTransform:
         train: bool,
         augmentation: Augmentation | None = None,
     ) -> None:
-        if inputs not in ("hr", "lr", "sr", "lr+sr"):
-            raise ValueError(f"inputs must be hr, lr, sr or lr+sr, got {inputs!r}")
-        self.inputs = inputs
+        self.inputs = check_input_kind(inputs)
         self.degrade_cfg = degrade_cfg
         self.upsample = upsample
         self.seed = seed
         self.train = train
         self.augmentation = augmentation if train else None
 
-    def _epoch(self, sample: dict[str, Any]) -> int:
+    def _epoch(self, sample: Sample) -> int:
         return int(sample["epoch"]) if self.train else EVAL_EPOCH
 
     def _lr(self, image: torch.Tensor, key: str, epoch: int) -> torch.Tensor:
@@ -83,7 +84,7 @@ class InputTransform:
         small, _ = degrade(image, self.degrade_cfg, generator)
         return upsample_to(small, (image.shape[-2], image.shape[-1]), self.upsample)
 
-    def _sr(self, sample: dict[str, Any]) -> torch.Tensor:
+    def _sr(self, sample: Sample) -> torch.Tensor:
         aligned = sample.get("aligned") or []
         if not aligned:
             raise ValueError(
@@ -97,8 +98,16 @@ class InputTransform:
             return image
         return self.augmentation(image, sample_generator(self.seed, epoch, f"{key}#augment{tag}"))
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        """Replace ``image`` by the selected input (and add ``image2`` for lr+sr in training)."""
+    def __call__(self, loaded: Sample) -> TaskSample:
+        """Replace ``image`` by the selected input (and add ``image2`` for lr+sr in training).
+
+        Args:
+            loaded: The loader's sample; it is updated in place.
+
+        Returns:
+            The same record as a :class:`trainer.batch.TaskSample`.
+        """
+        sample = cast(TaskSample, loaded)
         key = str(sample["key"])
         epoch = self._epoch(sample)
         hr = sample["image"]

@@ -7,7 +7,6 @@ beside the target and renamed into place, so a reader never sees a half-written 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,6 +17,8 @@ matplotlib.use("Agg")  # before pyplot: servers and workers have no display
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+
+from srmri.atomic import atomic_path
 
 __all__ = ["plot_confusion", "plot_curves", "plot_sr_examples"]
 
@@ -33,14 +34,11 @@ _SR_TITLES = {"lr": "LR", "bicubic": "bicubic", "zero_fill": "zero-filled", "sr"
 def _save(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as a PNG atomically (temp file + rename) and close it."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        tmp.replace(p)
+        with atomic_path(p) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return p
 
 

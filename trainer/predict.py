@@ -30,6 +30,7 @@ from shards.sources import (
     read_nifti_volume,
     select_slices,
 )
+from srmri.atomic import atomic_path
 
 __all__ = ["find_inputs", "predict_paths", "write_predictions_csv"]
 
@@ -182,6 +183,7 @@ def predict_paths(
     class_names: list[str],
     preprocess_cfg: PreprocessConfig,
     device: torch.device | str,
+    *,
     batch_size: int = 32,
     input_transform: Callable[[Tensor], Tensor] | None = None,
     max_slices: int | None = None,
@@ -215,29 +217,8 @@ def predict_paths(
     was_training = model.training
     model.eval()
     batcher = _Batcher(model, device, batch_size, input_transform)
-    rows: list[dict[str, Any]] = []
-    volumes: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
     try:
-        for given in paths:
-            given = Path(given)
-            if not given.exists():
-                row = _row(given, "image", None, class_names)
-                row["error"] = f"not_found: {given} does not exist"
-                rows.append(row)
-                continue
-            inputs = find_inputs(given)
-            if not inputs:
-                row = _row(given, "image", None, class_names)
-                row["error"] = f"no_input: no image, NIfTI volume or DICOM series in {given}"
-                rows.append(row)
-                continue
-            for item in inputs:
-                item_rows = _read_input(item, class_names, preprocess_cfg, max_slices, batcher)
-                rows.extend(item_rows)
-                if any(r["kind"] == "slice" for r in item_rows):
-                    summary = _row(item.path, "volume", None, class_names)
-                    rows.append(summary)
-                    volumes.append((summary, item_rows))
+        rows, volumes = _queue_paths(paths, class_names, preprocess_cfg, max_slices, batcher)
         batcher.flush()
     finally:
         model.train(was_training)
@@ -254,6 +235,43 @@ def predict_paths(
             failed = [r["error"] for r in slice_rows if r["error"]]
             summary["error"] = failed[0] if failed else "no_slices: nothing to classify"
     return rows
+
+
+# A volume's summary row and the rows of its slices.
+_Volume = tuple[dict[str, Any], list[dict[str, Any]]]
+
+
+def _queue_paths(
+    paths: Sequence[Path],
+    class_names: Sequence[str],
+    cfg: PreprocessConfig,
+    max_slices: int | None,
+    batcher: _Batcher,
+) -> tuple[list[dict[str, Any]], list[_Volume]]:
+    """Rows for every input under ``paths`` (slices queued in ``batcher``) and the volumes."""
+    rows: list[dict[str, Any]] = []
+    volumes: list[_Volume] = []
+    for given in paths:
+        given = Path(given)
+        if not given.exists():
+            row = _row(given, "image", None, class_names)
+            row["error"] = f"not_found: {given} does not exist"
+            rows.append(row)
+            continue
+        inputs = find_inputs(given)
+        if not inputs:
+            row = _row(given, "image", None, class_names)
+            row["error"] = f"no_input: no image, NIfTI volume or DICOM series in {given}"
+            rows.append(row)
+            continue
+        for item in inputs:
+            item_rows = _read_input(item, class_names, cfg, max_slices, batcher)
+            rows.extend(item_rows)
+            if any(r["kind"] == "slice" for r in item_rows):
+                summary = _row(item.path, "volume", None, class_names)
+                rows.append(summary)
+                volumes.append((summary, item_rows))
+    return rows, volumes
 
 
 def _read_input(
@@ -302,21 +320,15 @@ def write_predictions_csv(rows: Sequence[dict[str, Any]], out_path: str | Path) 
         The written path.
     """
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
     if "error" in columns:  # keep the error column last, after the probabilities
         columns.remove("error")
         columns.append("error")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
     return out

@@ -9,7 +9,7 @@ reconstructions of the same LR images with the same masked PSNR/SSIM code.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -25,8 +25,10 @@ from shards.degrade import (
     kspace_zero_fill,
     sample_generator,
 )
+from shards.sample import Sample
 from srmri.distributed import all_gather_objects
 from trainer.backend import Backend
+from trainer.batch import Prepare, TaskBatch, TaskSample
 from trainer.config import TrainConfig
 from trainer.metrics import SRMetrics, brain_mask
 from trainer.srnet import create_sr_model
@@ -57,7 +59,16 @@ class SRPairTransform:
         self.seed = seed
         self.train = train
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, loaded: Sample) -> TaskSample:
+        """Replace ``image`` by the LR input and add the HR ``target`` (in place).
+
+        Args:
+            loaded: The loader's sample.
+
+        Returns:
+            The same record as a :class:`trainer.batch.TaskSample`.
+        """
+        sample = cast(TaskSample, loaded)
         hr = sample["image"]
         epoch = sample["epoch"] if self.train else EVAL_EPOCH
         gen = sample_generator(self.seed, epoch, sample["key"])
@@ -124,10 +135,7 @@ class SRTask:
         self._loss = torch.zeros(2, dtype=torch.float64)
 
     def build_model(self) -> nn.Module:
-        s = self.cfg.sr
-        return create_sr_model(
-            s.arch, s.scale, s.preset, s.blocks, s.features, s.res_scale, s.global_residual
-        )
+        return create_sr_model(self.cfg.sr)
 
     def transform(self, train: bool) -> SRPairTransform:
         s = self.cfg.sr
@@ -145,7 +153,7 @@ class SRTask:
             loss = loss + self.cfg.sr.ssim_weight * (1.0 - ssim)
         return loss
 
-    def train_loss(self, backend: Backend, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    def train_loss(self, backend: Backend, batch: TaskBatch) -> tuple[torch.Tensor, int]:
         pred = backend.model(backend.to_input(batch["image"])).float()
         target = batch["target"].to(backend.device, non_blocking=True)
         return self._loss_of(pred, target), int(target.shape[0])
@@ -156,7 +164,7 @@ class SRTask:
         self.examples = []
         self._loss = torch.zeros(2, dtype=torch.float64, device=device)
 
-    def eval_update(self, model: nn.Module, batch: dict[str, Any], prepare: Any) -> None:
+    def eval_update(self, model: nn.Module, batch: TaskBatch, prepare: Prepare) -> None:
         lr = prepare(batch["image"])
         hr = batch["target"].to(lr.device).float()
         valid = batch["valid"].to(lr.device).bool()

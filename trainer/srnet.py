@@ -144,31 +144,20 @@ class SRNet(nn.Module):
         return x
 
 
-def create_sr_model(
-    arch: Literal["edsr", "srresnet"] = "edsr",
-    scale: int = 2,
-    preset: Literal["tiny", "full", "custom"] = "full",
-    blocks: int = 16,
-    features: int = 64,
-    res_scale: float = 1.0,
-    global_residual: bool = True,
-) -> nn.Module:
+def create_sr_model(cfg: SRConfig) -> nn.Module:
     """Build an SR network with random initial weights.
 
     Args:
-        arch: ``edsr`` or ``srresnet``.
-        scale: Upsampling factor (2, 3 or 4).
-        preset: ``tiny`` or ``full`` fix (blocks, features); ``custom`` uses the arguments.
-        blocks: Residual blocks (custom preset).
-        features: Feature channels (custom preset).
-        res_scale: Residual scaling inside EDSR blocks.
-        global_residual: Add the bicubic upsampled input to the output.
+        cfg: The ``sr`` section: ``arch`` (edsr or srresnet), ``scale`` (2, 3 or 4), ``preset``
+            (``tiny`` and ``full`` fix blocks and features, ``custom`` uses ``blocks`` and
+            ``features``), ``res_scale`` (inside EDSR blocks) and ``global_residual`` (add the
+            bicubic upsampled input to the output).
 
     Returns:
         The network: ``[B, 1, h, w] -> [B, 1, h * scale, w * scale]``.
     """
-    blocks, features = PRESETS.get(preset, (blocks, features))
-    return SRNet(arch, scale, blocks, features, res_scale, global_residual)
+    blocks, features = PRESETS.get(cfg.preset, (cfg.blocks, cfg.features))
+    return SRNet(cfg.arch, cfg.scale, blocks, features, cfg.res_scale, cfg.global_residual)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -19,7 +19,6 @@ picked by :func:`create_task`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -30,15 +29,14 @@ from torch import nn
 from srmri.distributed import all_gather_objects
 from trainer.augment import create_augmentation
 from trainer.backend import Backend
+from trainer.batch import Prepare, TaskBatch, Transform
 from trainer.config import TrainConfig
 from trainer.factories import create_model
 from trainer.inputs import InputTransform, aligned_roots_for
 from trainer.metrics import ClassificationMetrics
+from trainer.sr_task import SRTask
 
 __all__ = ["ClassificationTask", "Prepare", "Task", "Transform", "create_task"]
-
-Transform = Callable[[dict[str, Any]], dict[str, Any]]
-Prepare = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Task(Protocol):
@@ -53,11 +51,11 @@ class Task(Protocol):
 
     def aligned_roots(self) -> list[str]: ...
 
-    def train_loss(self, backend: Backend, batch: dict[str, Any]) -> tuple[torch.Tensor, int]: ...
+    def train_loss(self, backend: Backend, batch: TaskBatch) -> tuple[torch.Tensor, int]: ...
 
     def eval_reset(self, device: torch.device) -> None: ...
 
-    def eval_update(self, model: nn.Module, batch: dict[str, Any], prepare: Prepare) -> None: ...
+    def eval_update(self, model: nn.Module, batch: TaskBatch, prepare: Prepare) -> None: ...
 
     def eval_compute(self) -> dict[str, Any]: ...
 
@@ -86,8 +84,7 @@ class ClassificationTask:
         self.predictions: list[tuple[str, int, list[float]]] = []
 
     def build_model(self) -> nn.Module:
-        m = self.cfg.model
-        return create_model(m.name, len(self.classes), 1, m.pretrained_path, m.drop_rate)
+        return create_model(self.cfg.model, len(self.classes))
 
     def transform(self, train: bool) -> Transform | None:
         d = self.cfg.data
@@ -99,7 +96,7 @@ class ClassificationTask:
     def aligned_roots(self) -> list[str]:
         return aligned_roots_for(self.cfg.data.inputs, self.cfg.data.sr_root)
 
-    def train_loss(self, backend: Backend, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    def train_loss(self, backend: Backend, batch: TaskBatch) -> tuple[torch.Tensor, int]:
         images, labels = batch["image"], batch["label"]
         if "image2" in batch:  # lr+sr: the second view is another sample with the same label
             images = torch.cat([images, batch["image2"]])
@@ -114,7 +111,7 @@ class ClassificationTask:
         self._rows = []
         self._loss = torch.zeros(2, dtype=torch.float64, device=device)
 
-    def eval_update(self, model: nn.Module, batch: dict[str, Any], prepare: Prepare) -> None:
+    def eval_update(self, model: nn.Module, batch: TaskBatch, prepare: Prepare) -> None:
         logits = model(prepare(batch["image"])).float()
         target = batch["label"].to(logits.device)
         valid = batch["valid"].to(logits.device).bool()
@@ -138,11 +135,10 @@ class ClassificationTask:
 
     def write_reports(self, run_dir: Path, split: str, results: dict[str, Any]) -> None:
         from trainer.plots import plot_confusion
-        from trainer.rundir import write_predictions
+        from trainer.rundir import predictions_path, write_predictions
 
-        # The validation split's file is the one the run directory promises; others by name.
-        name = "predictions" if split == self.cfg.data.val_split else f"predictions_{split}"
-        write_predictions(run_dir / f"{name}.parquet", self.predictions, self.classes)
+        path = predictions_path(run_dir, split, is_val=split == self.cfg.data.val_split)
+        write_predictions(path, self.predictions, self.classes)
         if results.get("confusion_matrix") is not None:
             plot_confusion(
                 results["confusion_matrix"], self.classes, run_dir / f"confusion_{split}.png"
@@ -157,8 +153,6 @@ def create_task(cfg: TrainConfig, classes: list[str]) -> Task:
     """
     if cfg.task == "classify":
         return ClassificationTask(cfg, classes)
-    try:
-        from trainer.sr_task import SRTask  # the SR issue's task; same protocol
-    except ImportError as exc:
-        raise ValueError(f"task={cfg.task!r} is not available in this build ({exc})") from exc
-    return SRTask(cfg, classes)
+    if cfg.task == "sr":
+        return SRTask(cfg, classes)
+    raise ValueError(f"task={cfg.task!r} is not available (classify or sr)")

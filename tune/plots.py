@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -11,8 +10,7 @@ matplotlib.use("Agg")  # files only; no display on cluster nodes
 import matplotlib.pyplot as plt
 import pandas as pd
 
-if TYPE_CHECKING:
-    from tune.experiment import Prepared
+from tune.experiment import Prepared
 
 __all__ = ["plot_metric_curves", "plot_metric_vs_keys"]
 

@@ -13,10 +13,11 @@ from typing import Any
 
 import pandas as pd
 
+from srmri.atomic import atomic_path
 from srmri.config import config_from_dict, config_to_dict, save_config
 from trainer.config import TrainConfig
 from tune.experiment import Prepared, load_experiment
-from tune.space import set_dotted
+from tune.space import set_dotted, trial_run_dir
 
 __all__ = ["best_trial", "collect", "summary_table", "write_best", "write_outputs"]
 
@@ -77,7 +78,7 @@ def _epoch_rows(folder: Path) -> list[dict[str, Any]]:
     Tune's rows add iteration and timing, and stand in where no history was written.
     """
     reported = {int(r["epoch"]): r for r in _read_results(folder / "result.json") if "epoch" in r}
-    history_file = folder / "run" / "metrics.csv"
+    history_file = trial_run_dir(folder) / "metrics.csv"
     history: list[dict[str, Any]] = []
     if history_file.is_file() and history_file.stat().st_size:
         history = pd.read_csv(history_file).to_dict("records")
@@ -203,9 +204,8 @@ def write_outputs(experiment_dir: str | Path, quiet: bool = False) -> pd.DataFra
     prep = load_experiment(experiment_dir)
     d = prep.experiment_dir
     frame = collect(prep)
-    tmp = d / ".results.parquet.tmp"
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(d / "results.parquet")
+    with atomic_path(d / "results.parquet") as tmp:
+        frame.to_parquet(tmp, index=False)
     table = summary_table(frame, prep)
     best = best_trial(frame, prep.metric, prep.mode)
     if best is not None:

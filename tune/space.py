@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import types
+from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from ray import tune
@@ -26,17 +27,21 @@ from tune.config import ParamSpec, SearchConfig
 
 __all__ = [
     "RESERVED_KEYS",
+    "TRIAL_RUN_NAME",
     "base_config",
     "default_metric",
     "mutations",
     "param_space",
     "set_dotted",
     "trial_config",
+    "trial_run_dir",
     "validate_space",
 ]
 
 # Keys the search sets itself: each trial's run directory lives inside its trial folder.
 RESERVED_KEYS = ("out_dir", "name", "train.resume")
+# The trainer's ``name`` of every trial: its run directory is ``<trial folder>/run``.
+TRIAL_RUN_NAME = "run"
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -182,9 +187,14 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any], out_dir: str) ->
         if "." in key or key in TrainConfig.__dataclass_fields__:
             set_dotted(data, key, value)
     data["out_dir"] = out_dir
-    data["name"] = "run"
+    data["name"] = TRIAL_RUN_NAME
     data.setdefault("train", {})["resume"] = "auto"
     return config_from_dict(TrainConfig, data)
+
+
+def trial_run_dir(trial_folder: Path) -> Path:
+    """The trainer's run directory inside a trial's folder (``run_dir_of`` of its config)."""
+    return trial_folder / TRIAL_RUN_NAME
 
 
 def default_metric(search: SearchConfig, base: TrainConfig) -> tuple[str, str]:

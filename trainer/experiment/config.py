@@ -9,23 +9,31 @@ of those two imports the other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
 
 from shards.ingest_config import IngestConfig
 from srmri.config import load_config, require
 from trainer.config import TrainConfig, load_train_config
+from trainer.input_kind import InputKind, needs_sr, path_safe
 
 __all__ = [
+    "Arm",
     "PipelineConfig",
     "ReportConfig",
     "StageConfig",
+    "arm_run_dir",
     "arm_run_name",
+    "data_dir",
     "load_pipeline_config",
+    "runs_dir",
+    "sr_data_dir",
+    "sr_run_dir",
     "trainer_config",
 ]
 
-
-Arm = Literal["hr", "lr", "sr", "lr+sr"]
+# An arm is the input kind its classifiers see.
+Arm = InputKind
+SR_RUN_NAME = "sr"
 
 
 @dataclass
@@ -82,8 +90,13 @@ class PipelineConfig:
         require(len(set(self.arms)) == len(self.arms), "arms", "arms must be distinct")
         require(bool(self.seeds), "seeds", "name at least one seed")
         require(bool(self.classify.config), "classify.config", "a trainer YAML is required")
-        needs_sr = any(a in ("sr", "lr+sr") for a in self.arms)
-        require(not needs_sr or bool(self.sr.config), "sr.config", "the sr arms need an SR stage")
+        require(
+            not self.sr_arms() or bool(self.sr.config), "sr.config", "the sr arms need an SR stage"
+        )
+
+    def sr_arms(self) -> list[Arm]:
+        """The arms that classify SR-enhanced images (they need the SR and enhance stages)."""
+        return [a for a in self.arms if needs_sr(a)]
 
 
 def trainer_config(stage: StageConfig, extra: list[str]) -> TrainConfig:
@@ -91,9 +104,43 @@ def trainer_config(stage: StageConfig, extra: list[str]) -> TrainConfig:
     return load_train_config(stage.config or None, [*stage.overrides, *extra])
 
 
+def data_dir(out: Path) -> Path:
+    """The shard set the data stage writes (every classifier's ``data.root``)."""
+    return out / "data"
+
+
+def sr_data_dir(out: Path) -> Path:
+    """The SR-enhanced shard set the enhance stage writes (the sr arms' ``data.sr_root``)."""
+    return out / "data-sr"
+
+
+def runs_dir(out: Path) -> Path:
+    """The parent folder of every training run of the pipeline (its trainers' ``out_dir``)."""
+    return out / "runs"
+
+
+def sr_run_dir(out: Path) -> Path:
+    """The SR stage's run directory (its trainer config's ``name`` is :data:`SR_RUN_NAME`)."""
+    return runs_dir(out) / SR_RUN_NAME
+
+
 def arm_run_name(arm: str, seed: int) -> str:
     """Run directory name of one classifier (``lr+sr`` becomes ``lr-sr``)."""
-    return f"{arm.replace('+', '-')}-seed{seed}"
+    return f"{path_safe(arm)}-seed{seed}"
+
+
+def arm_run_dir(out: Path, arm: str, seed: int) -> Path:
+    """Run directory of one classifier of the pipeline writing to ``out``.
+
+    Args:
+        out: The pipeline's ``out_dir``.
+        arm: The classifier's input arm.
+        seed: Its seed.
+
+    Returns:
+        ``out/runs/<arm_run_name>``: the trainer's ``run_dir_of`` for that run's config.
+    """
+    return runs_dir(out) / arm_run_name(arm, seed)
 
 
 def load_pipeline_config(path: str | None, overrides: list[str]) -> PipelineConfig:

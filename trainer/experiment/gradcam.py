@@ -18,6 +18,7 @@ import torch
 from shards.loader import create_loader
 from trainer.checkpoint import resolve_checkpoint
 from trainer.export import checkpoint_config, load_fp32_weights
+from trainer.rundir import eval_dir_of, predictions_path
 from trainer.task import ClassificationTask
 
 __all__ = ["gradcam_png", "pick_examples"]
@@ -29,7 +30,7 @@ def pick_examples(run_dir: Path, per_class: int) -> dict[str, tuple[int, int]]:
     Returns:
         key -> (true label, predicted label), in a stable order.
     """
-    table = pq.read_table(run_dir / "eval-test" / "predictions_test.parquet").to_pydict()
+    table = pq.read_table(predictions_path(eval_dir_of(run_dir, "test"), "test")).to_pydict()
     rows = sorted(zip(table["key"], table["label"], table["pred"]))
     chosen: dict[str, tuple[int, int]] = {}
     for label in sorted({r[1] for r in rows}):

@@ -20,18 +20,24 @@ import torch.distributed as dist
 
 from shards.format import read_index
 from shards.ingest import ingest
+from srmri.atomic import write_json
 from srmri.config import config_hash, dump_config, save_config
 from srmri.distributed import init_distributed, print0
 from trainer.config import TrainConfig, run_dir_of
 from trainer.experiment.config import (
+    SR_RUN_NAME,
     PipelineConfig,
     StageConfig,
     arm_run_name,
+    data_dir,
     load_pipeline_config,
+    runs_dir,
+    sr_data_dir,
     trainer_config,
 )
 from trainer.experiment.enhance import enhance_with_checkpoint
 from trainer.experiment.report import build_report
+from trainer.rundir import eval_dir_of
 
 __all__ = ["PipelineConfig", "StageConfig", "main", "run_pipeline"]
 
@@ -45,14 +51,14 @@ class Stages:
         self.done: dict[str, str] = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def finished(self, name: str, digest: str) -> bool:
+        """Whether stage ``name`` finished under the config hash ``digest``."""
         return self.done.get(name) == digest
 
     def mark(self, name: str, digest: str) -> None:
+        """Record stage ``name`` as finished under ``digest`` (rank 0 writes the file)."""
         self.done[name] = digest
         if self.is_main:
-            tmp = self.path.with_name(".stages.json.tmp")
-            tmp.write_text(json.dumps(self.done, indent=1))
-            tmp.replace(self.path)
+            write_json(self.path, self.done, indent=1)
 
 
 def _barrier() -> None:
@@ -74,9 +80,14 @@ def _stage(
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
-    """Run (or finish) every stage; returns the path of the HTML report."""
-    from trainer.loop import evaluate, fit
+    """Run (or finish) every stage.
 
+    Args:
+        cfg: The pipeline config.
+
+    Returns:
+        The path of the HTML report.
+    """
     info = init_distributed("auto")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,61 +95,92 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if info.is_main:
         save_config(cfg, out / "pipeline.yaml")
     stages = Stages(out, info.is_main)
-    data_cfg = dataclasses.replace(cfg.data, out=str(out / "data"))
+    data_cfg = dataclasses.replace(cfg.data, out=str(data_dir(out)))
     _stage(stages, "data", config_hash(data_cfg), lambda: ingest(data_cfg), main_only=True)
-    data_root = str(out / "data")
 
-    sr_root = str(out / "data-sr")
-    sr_cfg, degrade = None, []
-    if cfg.sr.config:
-        # The lr arm always sees the SR stage's degradation, whether or not the SR arms run:
-        # an hr/lr-only run (calibrating a benchmark) trains exactly the classifiers that the
-        # full run trains, under the same config hashes.
-        sr_cfg = trainer_config(
-            cfg.sr, [f"data.root={data_root}", f"out_dir={out / 'runs'}", "name=sr", "task=sr"]
-        )
-        degrade = [f"data.degrade.{k}={v}" for k, v in _degrade_items(sr_cfg)]
-    sr_runs = sr_cfg is not None and any(a in ("sr", "lr+sr") for a in cfg.arms)
-    if sr_runs:
-        sr_run = run_dir_of(sr_cfg)
-        _stage(stages, "sr", config_hash(sr_cfg), lambda: fit(sr_cfg))
-        _stage(
-            stages,
-            "enhance",
-            config_hash(sr_cfg) + str(cfg.enhance_batch),
-            lambda: enhance_with_checkpoint(sr_run, data_root, sr_root, cfg.enhance_batch),
-        )
-
+    sr_cfg = _sr_config(cfg, out)
+    sr_used = sr_cfg if sr_cfg is not None and cfg.sr_arms() else None
+    if sr_used is not None:
+        _sr_stages(stages, cfg, sr_used, out)
+    # The lr arm always sees the SR stage's degradation, whether or not the SR arms run: an
+    # hr/lr-only run (calibrating a benchmark) trains exactly the classifiers that the full
+    # run trains, under the same config hashes.
+    degrade = [] if sr_cfg is None else _degrade_overrides(sr_cfg)
     for arm in cfg.arms:
         for seed in cfg.seeds:
-            name = arm_run_name(arm, seed)
-            run_cfg = trainer_config(
-                cfg.classify,
-                [*degrade, f"data.root={data_root}", f"data.sr_root={sr_root}",
-                 f"data.inputs={arm}", f"train.seed={seed}", f"out_dir={out / 'runs'}",
-                 f"name={name}", "task=classify"],
-            )  # fmt: skip
-            _stage(stages, f"classify/{name}", config_hash(run_cfg), lambda c=run_cfg: fit(c))
-            run_dir = out / "runs" / name
-            _stage(stages, f"evaluate/{name}", config_hash(run_cfg),
-                   lambda d=run_dir: evaluate(d, "test", d / "eval-test"))  # fmt: skip
+            _classifier_stages(stages, _arm_config(cfg, out, arm, seed, degrade))
 
     report_path = out / "report.html"
     if info.is_main:
-        build_report(cfg, out, read_index(data_root), sr_cfg if sr_runs else None)
+        build_report(cfg, out, read_index(data_dir(out)), sr_used)
         print0(f"\n[pipeline] report: {report_path.resolve()}")
     _barrier()
     return report_path
 
 
-def _degrade_items(sr_cfg: TrainConfig) -> list[tuple[str, Any]]:
-    """The SR stage's degradation as override items, so the lr arm sees the same LR images."""
+def _sr_config(cfg: PipelineConfig, out: Path) -> TrainConfig | None:
+    """The SR stage's trainer config, or None when the pipeline has no SR stage."""
+    if not cfg.sr.config:
+        return None
+    overrides = [f"data.root={data_dir(out)}", f"out_dir={runs_dir(out)}", "task=sr"]
+    return trainer_config(cfg.sr, [*overrides, f"name={SR_RUN_NAME}"])
+
+
+def _sr_stages(stages: Stages, cfg: PipelineConfig, sr_cfg: TrainConfig, out: Path) -> None:
+    """Train the SR network, then enhance the data set with it."""
+    from trainer.loop import fit  # the loop pulls in every backend: import it when one trains
+
+    sr_run = run_dir_of(sr_cfg)
+    digest = config_hash(sr_cfg)
+    _stage(stages, "sr", digest, lambda: fit(sr_cfg))
+    _stage(
+        stages,
+        "enhance",
+        digest + str(cfg.enhance_batch),
+        lambda: enhance_with_checkpoint(sr_run, data_dir(out), sr_data_dir(out), cfg.enhance_batch),
+    )
+
+
+def _arm_config(
+    cfg: PipelineConfig, out: Path, arm: str, seed: int, degrade: list[str]
+) -> TrainConfig:
+    """The trainer config of one classifier: the classify stage plus the pipeline's settings."""
+    overrides = [
+        *degrade,
+        f"data.root={data_dir(out)}",
+        f"data.sr_root={sr_data_dir(out)}",
+        f"data.inputs={arm}",
+        f"train.seed={seed}",
+        f"out_dir={runs_dir(out)}",
+        f"name={arm_run_name(arm, seed)}",
+        "task=classify",
+    ]
+    return trainer_config(cfg.classify, overrides)
+
+
+def _classifier_stages(stages: Stages, run_cfg: TrainConfig) -> None:
+    """Train one classifier, then evaluate it on the test split."""
+    from trainer.loop import evaluate, fit
+
+    digest = config_hash(run_cfg)
+    run_dir = run_dir_of(run_cfg)
+    _stage(stages, f"classify/{run_cfg.name}", digest, lambda: fit(run_cfg))
+    _stage(
+        stages,
+        f"evaluate/{run_cfg.name}",
+        digest,
+        lambda: evaluate(run_dir, "test", eval_dir_of(run_dir, "test")),
+    )
+
+
+def _degrade_overrides(sr_cfg: TrainConfig) -> list[str]:
+    """``data.degrade.*`` overrides giving the lr arm the SR stage's degradation (its LR images)."""
     d = sr_cfg.sr_degradation()
-    items = []
+    overrides = []
     for f in dataclasses.fields(d):
         value = getattr(d, f.name)
-        items.append((f.name, "null" if value is None else json.dumps(value)))
-    return items
+        overrides.append(f"data.degrade.{f.name}={'null' if value is None else json.dumps(value)}")
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,9 +11,9 @@ import base64
 import csv
 import html
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
@@ -23,30 +23,133 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from shards.format import DatasetIndex
-from shards.inspect import read_manifest_rows
 from shards.split import keys_hash
+from shards.writer import GROUP_SAMPLE, read_manifest_rows
+from srmri.atomic import write_text
 from trainer.config import TrainConfig
-from trainer.experiment.config import arm_run_name
-from trainer.experiment.stats import compare_arms, mean_std
+from trainer.experiment.config import PipelineConfig, arm_run_dir, data_dir, sr_run_dir
+from trainer.experiment.stats import PairedComparison, compare_arms, mean_std
+from trainer.rundir import eval_dir_of, eval_metrics_path, predictions_path
 
-if TYPE_CHECKING:
-    from trainer.experiment.config import PipelineConfig
-
-__all__ = ["ReportError", "build_report"]
+__all__ = [
+    "ArmResults",
+    "ReportError",
+    "ReportProtocol",
+    "Results",
+    "SRSummary",
+    "build_report",
+    "collect",
+]
 
 SUMMARY = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "ece")
+MeanStd = tuple[float, float]
 
 
 class ReportError(RuntimeError):
     """The runs cannot be reported honestly (e.g. the test split moved)."""
 
 
+@dataclass
+class ArmResults:
+    """One arm's test results over its seeds.
+
+    Attributes:
+        seeds: The seeds its classifiers were trained with.
+        summary: Metric (one of ``SUMMARY``) -> (mean, sd) over seeds.
+        per_class: Class -> ``precision``/``recall``/``f1`` -> (mean, sd) over seeds.
+        per_seed: Per seed, in ``seeds`` order, the ``SUMMARY`` metrics.
+    """
+
+    seeds: list[int]
+    summary: dict[str, MeanStd]
+    per_class: dict[str, dict[str, MeanStd]]
+    per_seed: list[dict[str, float]]
+
+
+@dataclass
+class ReportProtocol:
+    """How the numbers were obtained, stated in the report.
+
+    Attributes:
+        seeds: Classifier seeds per arm.
+        split: Which split was scored and how it is protected.
+        ci: How the confidence intervals were computed (and what was resampled).
+        test: The significance test and its multiplicity correction.
+    """
+
+    seeds: list[int]
+    split: str
+    ci: str
+    test: str
+
+
+@dataclass
+class SRSummary:
+    """The SR stage in the report.
+
+    Attributes:
+        scale: Upsampling factor.
+        arch: SR network architecture.
+        preset: Its size preset.
+        best: The SR run's best validation metrics (``sr_psnr``, ``bicubic_ssim``, ...).
+        epochs: Epochs it trained for.
+    """
+
+    scale: int
+    arch: str
+    preset: str
+    best: dict[str, float]
+    epochs: int | None
+
+
+@dataclass
+class Results:
+    """Everything the report states; ``results.json`` is :meth:`to_json` of it.
+
+    Attributes:
+        classes: Class names in label order.
+        test_samples: Test samples each classifier was scored on.
+        test_keys_sha256: Hash of the test keys (equal to the one recorded at ingest).
+        dataset_id: Id of the shard set.
+        arms: Arm -> its results, in the config's arm order.
+        comparisons: The paired comparisons of ``report.pairs`` that could be made.
+        protocol: How the numbers were obtained.
+        sr: The SR stage, or None when no SR arm ran.
+        confusion: Arm -> confusion matrix summed over seeds (for the figure; not serialised).
+        runs: Arm -> its run directories, one per seed (for the figures; not serialised).
+    """
+
+    classes: list[str]
+    test_samples: int
+    test_keys_sha256: str
+    dataset_id: str
+    arms: dict[str, ArmResults]
+    comparisons: list[PairedComparison]
+    protocol: ReportProtocol
+    sr: SRSummary | None = None
+    confusion: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    runs: dict[str, list[Path]] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The serialised fields as plain data, in the order ``results.json`` lists them."""
+        return {
+            "classes": self.classes,
+            "test_samples": self.test_samples,
+            "test_keys_sha256": self.test_keys_sha256,
+            "dataset_id": self.dataset_id,
+            "arms": {arm: asdict(r) for arm, r in self.arms.items()},
+            "comparisons": [asdict(c) for c in self.comparisons],
+            "protocol": asdict(self.protocol),
+            "sr": None if self.sr is None else asdict(self.sr),
+        }
+
+
 def _arm_runs(cfg: PipelineConfig, out: Path) -> dict[str, list[Path]]:
-    return {arm: [out / "runs" / arm_run_name(arm, s) for s in cfg.seeds] for arm in cfg.arms}
+    return {arm: [arm_run_dir(out, arm, s) for s in cfg.seeds] for arm in cfg.arms}
 
 
 def _predictions(run: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    table = pq.read_table(run / "eval-test" / "predictions_test.parquet").to_pydict()
+    table = pq.read_table(predictions_path(eval_dir_of(run, "test"), "test")).to_pydict()
     order = np.argsort(table["key"])
     keys = [table["key"][i] for i in order]
     return keys, np.asarray(table["label"])[order], np.asarray(table["pred"])[order]
@@ -90,8 +193,8 @@ def _confusions_png(conf: dict[str, np.ndarray], classes: list[str], path: Path)
         ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
         for i in range(len(classes)):
             for j in range(len(classes)):
-                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+                color = "white" if norm[i, j] > 0.5 else "black"
+                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8, color=color)
         ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
         ax.set_title(f"{arm} (all seeds)", fontsize=9)
@@ -102,9 +205,11 @@ def _confusions_png(conf: dict[str, np.ndarray], classes: list[str], path: Path)
 
 def _groups(data_root: Path, keys: list[str]) -> list[str] | None:
     """Patient group per test key, or None when no patient id exists (groups are per key)."""
-    group = {r.key: r.group for r in read_manifest_rows(data_root) if r.status == "ok"}
-    out = [group.get(k, "") for k in keys]
-    return None if all(g.startswith("k") for g in out) else out
+    rows = {r.key: r for r in read_manifest_rows(data_root) if r.status == "ok"}
+    found = [rows.get(k) for k in keys]
+    if all(r is not None and r.group_kind == GROUP_SAMPLE for r in found):
+        return None
+    return [r.group if r is not None else "" for r in found]
 
 
 def _img_tag(path: Path) -> str:
@@ -112,71 +217,119 @@ def _img_tag(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def collect(cfg: PipelineConfig, out: Path, index: DatasetIndex) -> dict[str, Any]:
-    """Read every arm's test results and compute the statistics of the report."""
+def _arm_results(
+    cfg: PipelineConfig, classes: list[str], metrics: list[dict[str, Any]]
+) -> ArmResults:
+    """Mean and sd over seeds of one arm's test metrics (``metrics_test.json`` per seed)."""
+    per_class = {
+        c: {
+            s: mean_std([m["per_class"][c][s] for m in metrics])
+            for s in ("precision", "recall", "f1")
+        }
+        for c in classes
+    }
+    return ArmResults(
+        seeds=cfg.seeds,
+        summary={k: mean_std([m[k] for m in metrics]) for k in SUMMARY},
+        per_class=per_class,
+        per_seed=[{k: m[k] for k in SUMMARY} for m in metrics],
+    )
+
+
+def _correctness(dirs: list[Path], index: DatasetIndex) -> tuple[list[str], np.ndarray]:
+    """The sorted test keys and per-seed correctness ``[n_seeds, n_keys]`` of one arm.
+
+    Raises:
+        ReportError: If a run's test keys do not hash to the value recorded at ingest.
+    """
+    keys: list[str] = []
+    rows = []
+    for d in dirs:
+        keys, labels, preds = _predictions(d)
+        if keys_hash(keys) != index.test_keys_sha256:
+            raise ReportError(
+                f"{d}: its test keys hash to {keys_hash(keys)[:12]}…, but ingest recorded "
+                f"{index.test_keys_sha256[:12]}… for the test split; not reporting"
+            )
+        rows.append(labels == preds)
+    return keys, np.stack(rows)
+
+
+def collect(cfg: PipelineConfig, out: Path, index: DatasetIndex) -> Results:
+    """Read every arm's test results and compute the statistics of the report.
+
+    Args:
+        cfg: The pipeline config (arms, seeds, report settings).
+        out: The pipeline's output folder.
+        index: The index of the pipeline's shard set.
+
+    Returns:
+        The results, without the SR section (:func:`build_report` adds it).
+
+    Raises:
+        ReportError: If a run's test keys do not hash to the value recorded at ingest.
+    """
     runs = _arm_runs(cfg, out)
     classes = list(index.classes)
-    arms: dict[str, Any] = {}
+    arms: dict[str, ArmResults] = {}
     correct: dict[str, np.ndarray] = {}
     conf: dict[str, np.ndarray] = {}
     keys_ref: list[str] | None = None
     for arm, dirs in runs.items():
-        metrics = [json.loads((d / "eval-test" / "metrics_test.json").read_text()) for d in dirs]
-        rows = []
-        for d in dirs:
-            keys, labels, preds = _predictions(d)
-            if keys_hash(keys) != index.test_keys_sha256:
-                raise ReportError(
-                    f"{d}: its test keys hash to {keys_hash(keys)[:12]}…, but ingest recorded "
-                    f"{index.test_keys_sha256[:12]}… for the test split; not reporting"
-                )
-            keys_ref = keys_ref or keys
-            rows.append(labels == preds)
-        correct[arm] = np.stack(rows)
+        files = [eval_metrics_path(eval_dir_of(d, "test"), "test") for d in dirs]
+        metrics = [json.loads(f.read_text()) for f in files]
+        keys, correct[arm] = _correctness(dirs, index)
+        keys_ref = keys_ref or keys
         conf[arm] = np.sum([np.asarray(m["confusion_matrix"]) for m in metrics], axis=0)
-        summary = {k: mean_std([m[k] for m in metrics]) for k in SUMMARY}
-        per_class = {
-            c: {
-                s: mean_std([m["per_class"][c][s] for m in metrics])
-                for s in ("precision", "recall", "f1")
-            }
-            for c in classes
-        }
-        arms[arm] = {"seeds": cfg.seeds, "summary": summary, "per_class": per_class,
-                     "per_seed": [{k: m[k] for k in SUMMARY} for m in metrics]}  # fmt: skip
-    groups = _groups(out / "data", keys_ref or [])
+        arms[arm] = _arm_results(cfg, classes, metrics)
+    groups = _groups(data_dir(out), keys_ref or [])
     comparisons = compare_arms(correct, cfg.report.pairs, groups, n_boot=cfg.report.bootstrap)
-    return {
-        "classes": classes,
-        "test_samples": len(keys_ref or []),
-        "test_keys_sha256": index.test_keys_sha256,
-        "dataset_id": index.dataset_id,
-        "arms": arms,
-        "comparisons": [asdict(c) for c in comparisons],
-        "protocol": {
-            "seeds": cfg.seeds,
-            "split": "test (fixed at ingest; key hash checked)",
-            "ci": f"95% percentile bootstrap, {cfg.report.bootstrap} replicates, resampling "
-            + ("patients" if groups is not None else "samples"),
-            "test": "exact McNemar per seed, Holm-adjusted across all pairs and seeds",
-        },
-        "_confusion": conf,
-        "_runs": runs,
-    }
+    resampled = "patients" if groups is not None else "samples"
+    protocol = ReportProtocol(
+        seeds=cfg.seeds,
+        split="test (fixed at ingest; key hash checked)",
+        ci=f"95% percentile bootstrap, {cfg.report.bootstrap} replicates, resampling {resampled}",
+        test="exact McNemar per seed, Holm-adjusted across all pairs and seeds",
+    )
+    return Results(
+        classes=classes,
+        test_samples=len(keys_ref or []),
+        test_keys_sha256=index.test_keys_sha256,
+        dataset_id=index.dataset_id,
+        arms=arms,
+        comparisons=comparisons,
+        protocol=protocol,
+        confusion=conf,
+        runs=runs,
+    )
 
 
-def _sr_section(out: Path, sr_cfg: TrainConfig | None) -> dict[str, Any] | None:
+def _sr_section(out: Path, sr_cfg: TrainConfig | None) -> SRSummary | None:
     if sr_cfg is None:
         return None
-    metrics = json.loads((out / "runs" / "sr" / "metrics.json").read_text())
-    return {"scale": sr_cfg.sr.scale, "arch": sr_cfg.sr.arch, "preset": sr_cfg.sr.preset,
-            "best": metrics.get("best", {}), "epochs": metrics.get("epochs_run")}  # fmt: skip
+    metrics = json.loads((sr_run_dir(out) / "metrics.json").read_text())
+    return SRSummary(
+        scale=sr_cfg.sr.scale,
+        arch=sr_cfg.sr.arch,
+        preset=sr_cfg.sr.preset,
+        best=metrics.get("best", {}),
+        epochs=metrics.get("epochs_run"),
+    )
 
 
 def build_report(
     cfg: PipelineConfig, out: Path, index: DatasetIndex, sr_cfg: TrainConfig | None
 ) -> Path:
     """Write ``results.json``, ``report.html`` (self-contained) and ``report.md`` into ``out``.
+
+    Args:
+        cfg: The pipeline config.
+        out: The pipeline's output folder (the runs are read from it, the report written to it).
+        index: The index of the pipeline's shard set.
+        sr_cfg: The SR stage's trainer config, or None when no SR arm ran.
+
+    Returns:
+        The path of ``report.html``.
 
     Raises:
         ReportError: If a run's test keys do not hash to the value recorded at ingest.
@@ -187,24 +340,20 @@ def build_report(
     files = out / "report_files"
     files.mkdir(exist_ok=True)
     figs = {
-        "Learning curves": _curves_png(res["_runs"], files / "curves.png"),
-        "Confusion matrices": _confusions_png(
-            res.pop("_confusion"), res["classes"], files / "confusion.png"
-        ),
+        "Learning curves": _curves_png(res.runs, files / "curves.png"),
+        "Confusion matrices": _confusions_png(res.confusion, res.classes, files / "confusion.png"),
     }
-    sr = _sr_section(out, sr_cfg)
-    res["sr"] = sr
-    sr_png = out / "runs" / "sr" / "sr_examples_val.png"
-    if sr is not None and sr_png.is_file():
+    res.sr = _sr_section(out, sr_cfg)
+    sr_png = sr_run_dir(out) / "sr_examples_val.png"
+    if res.sr is not None and sr_png.is_file():
         figs["SR examples (held-out slices: LR, bicubic, zero-filled, SR, HR)"] = sr_png
-    runs = res.pop("_runs")
     arm = cfg.arms[0]
     cam = gradcam_png(
-        runs[arm][0], out / "data", files / "gradcam.png", cfg.report.gradcam_per_class
+        res.runs[arm][0], data_dir(out), files / "gradcam.png", cfg.report.gradcam_per_class
     )
     if cam is not None:
         figs[f"Grad-CAM, last ResNet stage ({arm} arm, seed {cfg.seeds[0]})"] = cam
-    (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
+    write_text(out / "results.json", json.dumps(res.to_json(), indent=1, default=float))
     _write_html(out / "report.html", res, figs)
     _write_md(out / "report.md", res, figs, out)
     return out / "report.html"
@@ -215,25 +364,27 @@ def _fmt(ms: tuple[float, float], seeds: int) -> str:
     return f"{ms[0]:.3f} ± {ms[1]:.3f}" if seeds > 1 else f"{ms[0]:.3f}"
 
 
-def _tables(res: dict[str, Any]) -> tuple[list[list[str]], list[list[str]], list[list[str]]]:
+Table = list[list[str]]
+
+
+def _tables(res: Results) -> tuple[Table, Table, Table]:
+    """The arms, comparisons and SR tables, header row first."""
     arms = [["arm", *SUMMARY]] + [
-        [a, *(_fmt(v["summary"][k], len(v["seeds"])) for k in SUMMARY)]
-        for a, v in res["arms"].items()
+        [a, *(_fmt(v.summary[k], len(v.seeds)) for k in SUMMARY)] for a, v in res.arms.items()
     ]
     comps = [["comparison", "Δ accuracy", "95% CI", "McNemar p per seed (Holm)"]]
-    for c in res["comparisons"]:
-        ps = ", ".join(f"{p:.3g}" for p in c["pvalues_holm"])
+    for c in res.comparisons:
         comps.append(
             [
-                f"{c['a']} − {c['b']}",
-                f"{c['diff']:+.3f}",
-                f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]",
-                ps,
+                f"{c.a} − {c.b}",
+                f"{c.diff:+.3f}",
+                f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]",
+                ", ".join(f"{p:.3g}" for p in c.pvalues_holm),
             ]
         )
     sr = [["method", "PSNR (dB)", "SSIM"]]
-    if res.get("sr"):
-        best = res["sr"]["best"]
+    if res.sr:
+        best = res.sr.best
         for m in ("sr", "bicubic", "zero_fill"):
             sr.append(
                 [
@@ -245,7 +396,7 @@ def _tables(res: dict[str, Any]) -> tuple[list[list[str]], list[list[str]], list
     return arms, comps, sr
 
 
-def _html_table(rows: list[list[str]]) -> str:
+def _html_table(rows: Table) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]
@@ -253,48 +404,65 @@ def _html_table(rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _write_html(path: Path, res: dict[str, Any], figs: dict[str, Path]) -> None:
+_STYLE = [
+    "<!doctype html><html><head><meta charset='utf-8'><title>srmri report</title><style>",
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}",
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}",
+    "th{background:#eef}img{max-width:100%}</style></head><body>",
+]
+
+
+def _write_html(path: Path, res: Results, figs: dict[str, Path]) -> None:
     arms, comps, sr = _tables(res)
-    p = res["protocol"]
+    p = res.protocol
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>srmri report</title><style>",
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}",
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}",
-        "th{background:#eef}img{max-width:100%}</style></head><body>",
+        *_STYLE,
         "<h1>Does super-resolution help? srmri report</h1>",
-        f"<p>{res['test_samples']} test samples, classes {', '.join(res['classes'])}; "
-        f"seeds {p['seeds']}; split: {html.escape(p['split'])}.</p>",
-        "<h2>Arms (test split, mean ± sd over seeds)</h2>", _html_table(arms),
-        "<h2>Paired comparisons</h2>", _html_table(comps),
-        f"<p>{html.escape(p['ci'])}; {html.escape(p['test'])}.</p>",
-    ]  # fmt: skip
-    if res.get("sr"):
+        f"<p>{res.test_samples} test samples, classes {', '.join(res.classes)}; "
+        f"seeds {p.seeds}; split: {html.escape(p.split)}.</p>",
+        "<h2>Arms (test split, mean ± sd over seeds)</h2>",
+        _html_table(arms),
+        "<h2>Paired comparisons</h2>",
+        _html_table(comps),
+        f"<p>{html.escape(p.ci)}; {html.escape(p.test)}.</p>",
+    ]
+    if res.sr:
         parts += [
-            f"<h2>Super-resolution (x{res['sr']['scale']}, validation slices)</h2>",
+            f"<h2>Super-resolution (x{res.sr.scale}, validation slices)</h2>",
             _html_table(sr),
         ]
     for title, fig in figs.items():
         parts += [f"<h2>{html.escape(title)}</h2>", _img_tag(fig)]
     parts.append("</body></html>")
-    path.write_text("\n".join(parts))
+    write_text(path, "\n".join(parts))
 
 
-def _md_table(rows: list[list[str]]) -> str:
+def _md_table(rows: Table) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
 
 
-def _write_md(path: Path, res: dict[str, Any], figs: dict[str, Path], out: Path) -> None:
+def _write_md(path: Path, res: Results, figs: dict[str, Path], out: Path) -> None:
     arms, comps, sr = _tables(res)
-    p = res["protocol"]
+    p = res.protocol
     parts = [
-        "# Does super-resolution help? srmri report", "",
-        f"{res['test_samples']} test samples; seeds {p['seeds']}; split: {p['split']}.", "",
-        "## Arms (test split, mean ± sd over seeds)", "", _md_table(arms), "",
-        "## Paired comparisons", "", _md_table(comps), "", f"{p['ci']}; {p['test']}.", "",
-    ]  # fmt: skip
-    if res.get("sr"):
-        parts += [f"## Super-resolution (x{res['sr']['scale']})", "", _md_table(sr), ""]
+        "# Does super-resolution help? srmri report",
+        "",
+        f"{res.test_samples} test samples; seeds {p.seeds}; split: {p.split}.",
+        "",
+        "## Arms (test split, mean ± sd over seeds)",
+        "",
+        _md_table(arms),
+        "",
+        "## Paired comparisons",
+        "",
+        _md_table(comps),
+        "",
+        f"{p.ci}; {p.test}.",
+        "",
+    ]
+    if res.sr:
+        parts += [f"## Super-resolution (x{res.sr.scale})", "", _md_table(sr), ""]
     for title, fig in figs.items():
         parts += [f"## {title}", "", f"![{title}]({fig.relative_to(out).as_posix()})", ""]
-    path.write_text("\n".join(parts))
+    write_text(path, "\n".join(parts))

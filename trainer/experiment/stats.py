@@ -28,23 +28,40 @@ __all__ = [
 
 @dataclass
 class McNemarResult:
-    """Exact McNemar test of two classifiers on the same samples."""
+    """Exact McNemar test of two classifiers on the same samples.
 
-    only_a: int  # a right, b wrong
-    only_b: int  # b right, a wrong
+    Attributes:
+        only_a: Samples arm a got right and arm b wrong.
+        only_b: Samples arm b got right and arm a wrong.
+        pvalue: Two-sided exact p-value.
+    """
+
+    only_a: int
+    only_b: int
     pvalue: float
 
 
 @dataclass
 class PairedComparison:
-    """Arm ``a`` against arm ``b`` over seeds on the same test keys."""
+    """Arm ``a`` against arm ``b`` over seeds on the same test keys.
+
+    Attributes:
+        a: The first arm.
+        b: The arm it is compared with.
+        diff: Mean over seeds of accuracy(a) - accuracy(b).
+        ci_low: Lower bound of the paired bootstrap interval of ``diff``.
+        ci_high: Upper bound of it.
+        resampled: What the bootstrap resamples: ``patients`` or ``samples``.
+        mcnemar: One exact McNemar test per seed.
+        pvalues_holm: Their p-values, Holm-adjusted across every pair and seed.
+    """
 
     a: str
     b: str
-    diff: float  # mean over seeds of accuracy(a) - accuracy(b)
+    diff: float
     ci_low: float
     ci_high: float
-    resampled: str  # "patients" or "samples"
+    resampled: str
     mcnemar: list[McNemarResult]
     pvalues_holm: list[float]
 
@@ -148,7 +165,18 @@ def compare_arms(
         diff, lo, hi = paired_bootstrap(ca, cb, groups, n_boot=n_boot, seed=seed)
         tests = [mcnemar_exact(x, y) for x, y in zip(ca, cb)]
         resampled = "patients" if groups is not None else "samples"
-        out.append(PairedComparison(a, b, diff, lo, hi, resampled, tests, []))
+        out.append(
+            PairedComparison(
+                a=a,
+                b=b,
+                diff=diff,
+                ci_low=lo,
+                ci_high=hi,
+                resampled=resampled,
+                mcnemar=tests,
+                pvalues_holm=[],
+            )
+        )
     adjusted = holm_adjust([t.pvalue for c in out for t in c.mcnemar])
     k = 0
     for c in out:
