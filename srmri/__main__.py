@@ -23,7 +23,7 @@ def main() -> int:
     print(f"  torch threads {torch.get_num_threads()}, interop {torch.get_num_interop_threads()}")
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     print(f"  CUDA devices {cuda}" + (f" ({torch.cuda.get_device_name(0)})" if cuda else ""))
-    print("commands: srmri {pipeline,quickstart,shards,trainer,tune,launch} (see srmri --help)")
+    print("commands: srmri {pipeline,quickstart,enhance,shards,trainer,tune,launch} ...")
     return 0
 
 

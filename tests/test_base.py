@@ -1,0 +1,83 @@
+"""The base layer (``srmri``): atomic files, the one torch loader, ``python -m srmri``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from srmri.atomic import atomic_path, write_json, write_text
+from srmri.torchfile import load_state_dict_file, load_torch_file
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path) -> None:
+    target = write_text(tmp_path / "sub" / "a.txt", "old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.txt"]
+
+
+def test_a_finished_write_replaces_the_file(tmp_path: Path) -> None:
+    target = write_json(tmp_path / "m.json", {"a": 1})
+    write_json(target, {"a": 2})
+    assert target.read_text().replace(" ", "").replace("\n", "") == '{"a":2}'
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+class _Payload:
+    """A pickled object: ``weights_only`` loading must refuse to build it."""
+
+
+def test_torch_files_load_weights_only_and_name_the_file(tmp_path: Path) -> None:
+    good = tmp_path / "w.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, good)
+    assert torch.equal(load_state_dict_file(good)["w"], torch.ones(2))
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"obj": _Payload()}, unsafe)
+    with pytest.raises(ValueError, match=r"unsafe\.pt"):
+        load_torch_file(unsafe)
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
+        load_torch_file(tmp_path / "missing.pt")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"bad\.safetensors"):
+        load_state_dict_file(tmp_path / "bad.safetensors")
+
+
+def test_python_m_srmri_reports_the_environment() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "srmri"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"torch       {torch.__version__.split('+')[0]}" in done.stdout, done.stdout
+
+
+def test_fingerprints_name_the_differing_keys_and_skip_the_ignored_ones() -> None:
+    from dataclasses import dataclass, field
+
+    from srmri.fingerprint import config_fingerprint, differences, flatten
+
+    @dataclass
+    class Optim:
+        lr: float = 1e-3
+        betas: tuple[float, float] = (0.9, 0.999)
+
+    @dataclass
+    class Root:
+        out_dir: str = "runs"
+        optim: Optim = field(default_factory=Optim)
+        workers: int = 2
+
+    a, b = Root(), Root(out_dir="elsewhere", workers=8, optim=Optim(lr=2e-3))
+    flat = {"out_dir": "runs", "optim.lr": 1e-3, "optim.betas": [0.9, 0.999], "workers": 2}
+    assert flatten(a) == flat
+    ignore = ("out_dir", "*workers")
+    assert [str(d) for d in differences(a, b, ignore)] == ["optim.lr: 0.001 -> 0.002"]
+    assert config_fingerprint(a, ignore) != config_fingerprint(b, ignore)
+    c = Root(out_dir="x", workers=1)
+    assert config_fingerprint(a, ignore) == config_fingerprint(c, ignore)
+    assert config_fingerprint(a, ("optim", *ignore)) == config_fingerprint(b, ("optim", *ignore))
