@@ -5,15 +5,19 @@ file and overrides such as ``optim.lr=3e-4`` into an instance of such a tree, ch
 and value on the way, and writes the resolved tree back out so each run records what it used.
 
 A dataclass may define ``check(self) -> None`` that raises :class:`ConfigError` (via
-:func:`require`) for values that are well-typed but invalid; it is called after loading.
+:func:`require`) for values that are well-typed but invalid; it is called after loading. Float
+settings must be finite (nan and infinities slip past every range check) unless the field's
+metadata sets :data:`ALLOW_NONFINITE`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -24,6 +28,7 @@ import yaml
 from srmri.atomic import write_text
 
 __all__ = [
+    "ALLOW_NONFINITE",
     "ConfigError",
     "apply_overrides",
     "config_from_dict",
@@ -36,6 +41,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+ALLOW_NONFINITE = "allow_nonfinite"
+"""Field metadata key: ``field(metadata={ALLOW_NONFINITE: True})`` lets a float field hold nan
+or an infinity; every other float setting refuses them at load."""
 
 
 class ConfigError(ValueError):
@@ -64,6 +73,10 @@ def _fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
+def _allows_nonfinite(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get(ALLOW_NONFINITE)}
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -74,8 +87,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` (from YAML or an override) to type ``tp`` or raise ConfigError."""
+def _coerce(value: Any, tp: Any, key: str, finite: bool = True) -> Any:
+    """Convert ``value`` (from YAML or an override) to type ``tp`` or raise ConfigError.
+
+    ``finite`` refuses nan and infinities for floats (the field's ``allow_nonfinite`` lifts it).
+    """
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -83,13 +99,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        errors: list[str] = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue  # try the next member; the error below names the whole union
+                return _coerce(value, arg, key, finite)
+            except ConfigError as exc:
+                errors.append(str(exc))  # try the next member; the error names the union
+        if len(errors) == 1:
+            raise ConfigError(errors[0])  # e.g. `float | None`: the float's own message
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
         allowed = get_args(tp)
@@ -113,15 +132,38 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(items) != len(args):
                 raise ConfigError(f"{key}: expected {len(args)} values, got {len(items)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(items, args)))
+            return tuple(
+                _coerce(v, a, f"{key}[{i}]", finite) for i, (v, a) in enumerate(zip(items, args))
+            )
         item_tp = args[0] if args else Any
-        out = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(items)]
+        out = [_coerce(v, item_tp, f"{key}[{i}]", finite) for i, v in enumerate(items)]
         return tuple(out) if origin is tuple or tp is tuple else out
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         args = get_args(tp) or (str, Any)
-        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", finite) for k, v in value.items()}
+    return _coerce_scalar(value, tp, key, finite)
+
+
+def _coerce_float(value: Any, key: str, finite: bool) -> float:
+    out: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        out = float(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            out = float(value)
+    if out is None:
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if finite and not math.isfinite(out):
+        # nan compares false with every bound, so no check() range would catch it, and inf
+        # passes "> 0": either trains on at loss nan instead of failing here.
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    return out
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str, finite: bool) -> Any:
+    """The leaf types: bool, int, float, str and Path."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -133,14 +175,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return _coerce_float(value, key, finite)
     if tp is str:
         if isinstance(value, str):
             return value
@@ -156,12 +191,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
     fields = _fields(cls)
+    nonfinite = _allows_nonfinite(cls)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in fields:
             raise ConfigError(f"unknown key '{key}'{_suggest(str(name), fields)}")
-        kwargs[name] = _coerce(value, fields[name], key)
+        kwargs[name] = _coerce(value, fields[name], key, finite=name not in nonfinite)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a field without default that the YAML did not give

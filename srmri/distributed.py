@@ -2,8 +2,8 @@
 
 torchrun and the ``deepspeed`` launcher both export ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT``. A plain ``python -m trainer`` run has none of them and gets a
-one-process group on a free loopback port, so the rest of the trainer (metric sync, gathers,
-DeepSpeed) never has to ask whether it is distributed.
+one-process group (and ``LOCAL_RANK=0``, which DeepSpeed asserts), so the rest of the trainer
+(metric sync, gathers, DeepSpeed) never has to ask whether it is distributed.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DistInfo",
+    "all_gather_floats",
     "all_gather_objects",
     "barrier",
     "broadcast_buffers",
@@ -27,6 +28,10 @@ __all__ = [
     "is_main",
     "print0",
 ]
+
+
+# Whether init_distributed put LOCAL_RANK into os.environ itself (cleanup() takes it back out).
+_SET_LOCAL_RANK = False
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,21 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
             timeout=timedelta(seconds=timeout_s),
             device_id=dev if use_cuda else None,
         )
+    _export_local_rank(local_rank)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def _export_local_rank(local_rank: int) -> None:
+    """Put ``LOCAL_RANK`` into the environment when no launcher did.
+
+    ``deepspeed.initialize`` asserts the variable is set, so a plain one-process
+    ``python -m trainer fit backend.name=deepspeed`` (and a Ray Tune trial, which removes the
+    launcher's variables for its private group) would fail without it.
+    """
+    global _SET_LOCAL_RANK
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(local_rank)
+        _SET_LOCAL_RANK = True
 
 
 def is_main() -> bool:
@@ -114,6 +133,23 @@ def barrier() -> None:
     """Wait for every rank (no-op without a group)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def all_gather_floats(value: torch.Tensor) -> list[float]:
+    """Every rank's value of a one-element tensor, in rank order (collective; one host sync).
+
+    Args:
+        value: This rank's value, on this rank's device (CUDA under nccl, CPU under gloo).
+
+    Returns:
+        The values of all ranks (``[value]`` without a group).
+    """
+    flat = value.detach().reshape(1).float()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flat.tolist()
+    out = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, flat)
+    return torch.cat(out).tolist()
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
@@ -147,7 +183,48 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
         offset += n
 
 
+# deepspeed.utils.groups' caches of process groups (the world group's clone above all); all of
+# them die with the world group.
+_DS_GROUPS = (
+    "_WORLD_GROUP",
+    "_ZERO_PARAM_INTRA_PARALLEL_GROUP",
+    "_TENSOR_MODEL_PARALLEL_GROUP",
+    "_MODEL_PARALLEL_GROUP",
+    "_DATA_PARALLEL_GROUP",
+)
+_DS_GROUP_MAPS = (
+    "_EXPERT_PARALLEL_GROUP",
+    "_EXPERT_PARALLEL_GROUP_RANKS",
+    "_EXPERT_DATA_PARALLEL_GROUP",
+    "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
+    "_ALL_TO_ALL_GROUP",
+)
+
+
+def _forget_deepspeed_groups(ds_groups: Any) -> None:
+    for name in _DS_GROUPS:
+        if hasattr(ds_groups, name):
+            setattr(ds_groups, name, None)
+    for name in _DS_GROUP_MAPS:
+        cache = getattr(ds_groups, name, None)
+        if isinstance(cache, dict):
+            cache.clear()
+
+
 def cleanup() -> None:
-    """Leave the process group if one exists."""
+    """Leave the process group if one exists, so a later run in this process starts afresh.
+
+    DeepSpeed caches a clone of the world group (``deepspeed.utils.groups._WORLD_GROUP``) that
+    dies with the group; left behind, the next ``deepspeed.initialize`` in this process fails
+    with "Group ... is not registered". It is reset only when DeepSpeed is already imported
+    (importing it here would cost seconds for DDP runs).
+    """
+    global _SET_LOCAL_RANK
     if dist.is_initialized():
         dist.destroy_process_group()
+    ds_groups = sys.modules.get("deepspeed.utils.groups")
+    if ds_groups is not None:
+        _forget_deepspeed_groups(ds_groups)
+    if _SET_LOCAL_RANK:
+        os.environ.pop("LOCAL_RANK", None)
+        _SET_LOCAL_RANK = False

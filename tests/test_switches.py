@@ -129,8 +129,8 @@ def _checkpoints(run: Path) -> list[Path]:
 def _export(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
     """What ``python -m trainer export --no-ema`` writes, read back.
 
-    Called as a function: the CLI's ``main`` also leaves the process group, which this file's
-    later in-process runs (DeepSpeed's cached groups above all) would trip over.
+    Called as a function: the CLI's ``main`` also leaves the process group, and a new group
+    per export would only cost time.
     """
     from safetensors.torch import load_file
 
@@ -216,8 +216,9 @@ def test_early_stop_stops_after_patience_epochs_without_improvement(
 ) -> None:
     steps = ("train.epochs=3", "train.max_steps_per_epoch=1")
     # The metric improves at epoch 0 only: patience 1 stops after epoch 1, i.e. 2 epochs run.
-    summary, run = _fit(shards, tmp_path, "stop", *steps, *CONSTANT_METRIC,
-                        "train.early_stop.patience=1")  # fmt: skip
+    summary, run = _fit(
+        shards, tmp_path, "stop", *steps, *CONSTANT_METRIC, "train.early_stop.patience=1"
+    )
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["epochs_run"] == summary["epochs_run"] == 2
     assert saved["steps"] == 2 and saved["metric"] == "n" and saved["best_epoch"] == 0
@@ -228,23 +229,29 @@ def test_early_stop_stops_after_patience_epochs_without_improvement(
     assert [int(r["epoch"]) for r in _history(full)] == [0, 1, 2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer/loop.py: an unknown train.early_stop.metric is read as nan "
-    "(results.get(run.metric, nan)), which never improves: a typo silently stops the run "
-    "after `patience` epochs, ranks every checkpoint by nan and never drives the plateau",
-)
 def test_early_stop_unknown_metric_is_an_error(shards: Path, tmp_path: Path) -> None:
-    with pytest.raises((ValueError, KeyError), match="balanced_acuracy"):
-        _fit(shards, tmp_path, "typo", "train.epochs=2", "train.max_steps_per_epoch=1",
-             "train.early_stop.metric=balanced_acuracy", "train.early_stop.patience=1")  # fmt: skip
+    # A typo used to read as nan, which never improves: the run stopped after `patience`
+    # epochs, ranked every checkpoint by nan and never drove the plateau schedule.
+    typo = ("train.early_stop.metric=balanced_acuracy", "train.early_stop.patience=1")
+    with pytest.raises(ValueError, match="balanced_acuracy") as caught:
+        _fit(shards, tmp_path, "typo", "train.epochs=2", "train.max_steps_per_epoch=1", *typo)
+    message = str(caught.value)
+    assert "train.early_stop.metric" in message and "'balanced_accuracy'" in message
+    # It fails at the first validation: no epoch is recorded, no checkpoint written.
+    assert not (tmp_path / "typo" / "metrics.csv").exists()
+    assert not _checkpoints(tmp_path / "typo")
 
 
 def test_keep_best_keeps_the_best_checkpoint_past_pruning(shards: Path, tmp_path: Path) -> None:
     # Rank by validation loss (lowest best): in these few-step epochs it rises after epoch 0,
     # so the best checkpoint is not the newest and keep_last=1 alone would prune it.
-    ranked = ("train.epochs=2", "train.max_steps_per_epoch=2", "train.early_stop.metric=loss",
-              "train.early_stop.mode=min", "checkpoint.keep_last=1")  # fmt: skip
+    ranked = (
+        "train.epochs=2",
+        "train.max_steps_per_epoch=2",
+        "train.early_stop.metric=loss",
+        "train.early_stop.mode=min",
+        "checkpoint.keep_last=1",
+    )
     _, run = _fit(shards, tmp_path, "best", *ranked, "checkpoint.keep_best=1")
     rows = _history(run)
     losses = [float(r["val_loss"]) for r in rows]
@@ -309,8 +316,12 @@ def _plateau_oracle(values: list[float], mode: str, lr: float, patience: int, fa
 
 
 def test_plateau_lowers_the_lr_by_factor_after_patience(shards: Path, tmp_path: Path) -> None:
-    steps = ("train.epochs=3", "train.max_steps_per_epoch=1", "sched.name=plateau",
-             "sched.factor=0.5")  # fmt: skip
+    steps = (
+        "train.epochs=3",
+        "train.max_steps_per_epoch=1",
+        "sched.name=plateau",
+        "sched.factor=0.5",
+    )
     # Never improves after epoch 0: with patience 1 the LR halves after 2 epochs without
     # improvement (torch's ReduceLROnPlateau counts "more than patience").
     _, run = _fit(shards, tmp_path, "flat", *steps, *CONSTANT_METRIC, "sched.patience=1")
@@ -320,8 +331,15 @@ def test_plateau_lowers_the_lr_by_factor_after_patience(shards: Path, tmp_path: 
     # A real metric that improves, patience 0: the LR stays while it improves and halves at
     # each epoch it does not. (Validation loss rises over these 1-step epochs, so "max" is
     # the improving direction here; the hand-written rule is the oracle either way.)
-    _, real = _fit(shards, tmp_path, "loss", *steps, "train.early_stop.metric=loss",
-                   "train.early_stop.mode=max", "sched.patience=0")  # fmt: skip
+    _, real = _fit(
+        shards,
+        tmp_path,
+        "loss",
+        *steps,
+        "train.early_stop.metric=loss",
+        "train.early_stop.mode=max",
+        "sched.patience=0",
+    )
     rows = _history(real)
     losses = [float(r["val_loss"]) for r in rows]
     want = _plateau_oracle(losses, "max", 0.05, 0, 0.5)
@@ -332,27 +350,9 @@ def test_plateau_lowers_the_lr_by_factor_after_patience(shards: Path, tmp_path: 
 # ------------------------------------------------------------------------------- DeepSpeed
 
 
-@contextlib.contextmanager
-def _deepspeed_in_process() -> Iterator[None]:
-    """What a one-process DeepSpeed run in this process needs (two engine findings, below).
-
-    DeepSpeed asserts LOCAL_RANK is in the environment, which a plain one-process run does not
-    set (test_deepspeed_runs_without_a_launcher); and it caches a clone of the world group that
-    dies with the group (test_deepspeed_fits_twice_in_one_process): start each test afresh.
-    """
+def _needs_deepspeed() -> None:
+    """Skip unless DeepSpeed is installed; a one-process run needs nothing else from a test."""
     pytest.importorskip("deepspeed")
-    import deepspeed.utils.groups as ds_groups
-
-    saved = os.environ.get("LOCAL_RANK")
-    os.environ["LOCAL_RANK"] = "0"
-    ds_groups._WORLD_GROUP = None
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("LOCAL_RANK", None)
-        else:
-            os.environ["LOCAL_RANK"] = saved
 
 
 def _predictions(run: Path) -> dict[str, list[float]]:
@@ -377,59 +377,45 @@ def _assert_same_run(a: Path, b: Path, rel: float = 1e-4) -> None:
 @pytest.fixture(scope="module")
 def zero0(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("zero0")
-    with _deepspeed_in_process():
-        _, run = _fit(shards, out, "zero0", "backend.name=deepspeed", "backend.zero_stage=0")
+    _needs_deepspeed()
+    _, run = _fit(shards, out, "zero0", "backend.name=deepspeed", "backend.zero_stage=0")
     return run
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="srmri/distributed.py init_distributed makes a one-process group without setting "
-    "LOCAL_RANK, and deepspeed.initialize (engine._do_args_sanity_check) asserts it is set: "
-    "`python -m trainer fit backend.name=deepspeed` fails without a launcher",
-)
-def test_deepspeed_runs_without_a_launcher(shards: Path, tmp_path: Path) -> None:
-    with _deepspeed_in_process():
-        os.environ.pop("LOCAL_RANK")
-        try:
-            summary, _ = _fit(shards, tmp_path, "nolauncher", "backend.name=deepspeed",
-                              "train.max_steps_per_epoch=1")  # fmt: skip
-        except AssertionError as exc:
-            if "LOCAL_RANK" not in str(exc):
-                raise RuntimeError(f"another failure than the known one: {exc}") from exc
-            raise
+def test_deepspeed_runs_without_a_launcher(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # deepspeed.initialize asserts LOCAL_RANK is set; a plain one-process run has no launcher
+    # to set it (and a Ray Tune trial removes it).
+    _needs_deepspeed()
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    summary, _ = _fit(
+        shards, tmp_path, "nolauncher", "backend.name=deepspeed", "train.max_steps_per_epoch=1"
+    )
     assert summary["steps"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="a second DeepSpeed fit in one process after srmri.distributed.cleanup() (which "
-    "trainer.__main__.main and tune.trainable._fit_here call) fails: deepspeed.utils.groups "
-    "keeps _WORLD_GROUP, a clone of the destroyed group ('Group ... is not registered')",
-)
 def test_deepspeed_fits_twice_in_one_process(shards: Path, tmp_path: Path) -> None:
+    # DeepSpeed caches a clone of the world group; after cleanup() destroyed the group the
+    # second fit failed with "Group ... is not registered".
     from srmri.distributed import cleanup
 
+    _needs_deepspeed()
     once = ("backend.name=deepspeed", "train.max_steps_per_epoch=1")
-    with _deepspeed_in_process():
-        _fit(shards, tmp_path, "first", *once)
-        cleanup()  # what the CLI and a Ray Tune trial do when a run ends
-        try:
-            summary, _ = _fit(shards, tmp_path, "second", *once)
-        except ValueError as exc:
-            if "is not registered" not in str(exc):
-                raise RuntimeError(f"another failure than the known one: {exc}") from exc
-            raise
+    _fit(shards, tmp_path, "first", *once)
+    cleanup()  # what the CLI and a Ray Tune trial do when a run ends
+    summary, _ = _fit(shards, tmp_path, "second", *once)
+    assert summary["steps"] == 1
+    cleanup()
+    summary, _ = _fit(shards, tmp_path, "third", *once, "backend.zero_stage=1")
     assert summary["steps"] == 1
 
 
 def test_deepspeed_zero_stage_0_trains_like_zero_1_and_ddp(
     shards: Path, tmp_path: Path, baseline: dict[str, Any], zero0: Path
 ) -> None:
-    with _deepspeed_in_process():
-        _, zero1 = _fit(shards, tmp_path, "zero1", "backend.name=deepspeed", "backend.zero_stage=1")
+    _needs_deepspeed()
+    _, zero1 = _fit(shards, tmp_path, "zero1", "backend.name=deepspeed", "backend.zero_stage=1")
     c0, c1 = _checkpoints(zero0)[-1], _checkpoints(zero1)[-1]
     # Stage 0 keeps the client optimizer whole (no ZeRO partitions); stage 1 partitions it.
     assert list(c0.rglob("*model_states.pt")) and not list(c0.rglob("*optim_states.pt"))
@@ -441,16 +427,10 @@ def test_deepspeed_zero_stage_0_trains_like_zero_1_and_ddp(
     _assert_close(_final_weights(zero1), baseline["weights"], atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="trainer/export.py _from_deepspeed: zero_to_fp32 raises TypeError on a ZeRO stage-0 "
-    "checkpoint (its param_shapes is None) and only FileNotFoundError/ValueError/KeyError fall "
-    "back to module.pt: export, evaluate and predict of a stage-0 run crash",
-)
 def test_deepspeed_zero_stage_0_checkpoint_exports_and_evaluates(
     zero0: Path, tmp_path: Path, baseline: dict[str, Any]
 ) -> None:
+    # zero_to_fp32 cannot read a stage-0 checkpoint (no param_shapes): module.pt is read.
     results = evaluate(zero0, "test", out_dir=tmp_path / "eval")
     assert results["n"] == 9 and (tmp_path / "eval" / "metrics_test.json").is_file()
     _assert_close(_final_weights(zero0), baseline["weights"], atol=1e-5)
@@ -459,11 +439,17 @@ def test_deepspeed_zero_stage_0_checkpoint_exports_and_evaluates(
 def test_deepspeed_zero2_bf16_export_is_the_fp32_masters(
     shards: Path, tmp_path: Path, baseline: dict[str, Any]
 ) -> None:
-    with _deepspeed_in_process():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    _needs_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        _, run = _fit(shards, tmp_path, "zero2", "backend.name=deepspeed",
-                      "backend.zero_stage=2", "train.precision=bf16")  # fmt: skip
+    _, run = _fit(
+        shards,
+        tmp_path,
+        "zero2",
+        "backend.name=deepspeed",
+        "backend.zero_stage=2",
+        "train.precision=bf16",
+    )
     ckpt = _checkpoints(run)[-1]
     exported = _export(ckpt, tmp_path / "zero2.safetensors")
     tag_dir = next(ckpt.rglob("*model_states.pt")).parent
@@ -496,9 +482,17 @@ def test_pretrained_resnet50_from_a_local_3_channel_file(shards: Path, tmp_path:
     weights = tmp_path / "resnet50.pth"
     torch.save({"state_dict": imagenet}, weights)
     # One step at a negligible LR: what the run saved is what it started from.
-    _, run = _fit(shards, tmp_path, "pre", "model.name=resnet50",
-                  f"model.pretrained_path={weights}", "train.max_steps_per_epoch=1",
-                  "optim.lr=1e-12", "optim.momentum=0", "optim.nesterov=false")  # fmt: skip
+    _, run = _fit(
+        shards,
+        tmp_path,
+        "pre",
+        "model.name=resnet50",
+        f"model.pretrained_path={weights}",
+        "train.max_steps_per_epoch=1",
+        "optim.lr=1e-12",
+        "optim.momentum=0",
+        "optim.nesterov=false",
+    )
     got = _params(_final_weights(run))
     assert imagenet["conv1.weight"].shape[1] == 3 and got["conv1.weight"].shape[1] == 1
     # timm's adapt_input_conv: one channel is the sum over the RGB filters.
@@ -519,8 +513,9 @@ def _fit_ddp_fp32_and_bf16(rank: int, world: int, data: str, out: str) -> None:
     torch.set_num_threads(1)
     _no_figures()
     for precision in ("fp32", "bf16"):
-        summary = fit(_config(Path(data), Path(out), f"name=ddp-{precision}",
-                              f"train.precision={precision}"))  # fmt: skip
+        summary = fit(
+            _config(Path(data), Path(out), f"name=ddp-{precision}", f"train.precision={precision}")
+        )
         assert summary["final"]["n"] == 13  # every validation sample once over both ranks
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from srmri.config import ConfigError
+from srmri.exitcodes import CONFIG_ERROR
 
 __all__ = ["main"]
 
@@ -64,14 +65,11 @@ def _predict(args: argparse.Namespace) -> None:
     import torch
 
     from shards.degrade import degrade, upsample_to
-    from shards.format import read_index
-    from shards.preprocess import PreprocessConfig
-    from srmri.config import config_from_dict
     from trainer.checkpoint import resolve_checkpoint
     from trainer.export import checkpoint_config, load_fp32_weights
     from trainer.factories import create_model
     from trainer.input_kind import needs_sr
-    from trainer.predict import predict_paths, write_predictions_csv
+    from trainer.predict import dataset_preprocess, predict_paths, write_predictions_csv
 
     ckpt = resolve_checkpoint(args.checkpoint)
     cfg = checkpoint_config(ckpt)
@@ -80,9 +78,7 @@ def _predict(args: argparse.Namespace) -> None:
             f"{ckpt.path}: model was trained on SR-enhanced inputs; enhance the images with the "
             "SR model first (predict applies only the ingest preprocessing and hr/lr inputs)"
         )
-    index = read_index(cfg.data.root)
-    prep = index.config.get("preprocess") if isinstance(index.config, dict) else None
-    pre_cfg = config_from_dict(PreprocessConfig, prep or {"size": index.image_size})
+    pre_cfg = dataset_preprocess(cfg.data.root, ckpt.classes)
     # The weights come from the checkpoint: no pretrained file is read (it may be gone).
     model = create_model(dataclasses.replace(cfg.model, pretrained_path=None), len(ckpt.classes))
     model.load_state_dict(load_fp32_weights(ckpt))
@@ -110,9 +106,15 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one sub-command; returns the exit status (2 on a configuration or input error)."""
+    """Run one sub-command; returns the exit status.
+
+    2 on a configuration or input error, or a run directory another run holds; 1 when training
+    diverged (a nan or infinite loss under ``train.nonfinite_loss: stop``).
+    """
     args = _parser().parse_args(_strip_local_rank(sys.argv[1:] if argv is None else argv))
     from srmri.distributed import cleanup
+    from trainer.loop import NonFiniteLoss
+    from trainer.rundir import RunDirInUse
 
     try:
         if args.command == "fit":
@@ -131,9 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {out} and {out.with_suffix('.json')}")
         else:
             _predict(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, RunDirInUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         cleanup()
     return 0

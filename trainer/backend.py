@@ -73,6 +73,15 @@ class Backend(Protocol):
         """Step the optimizer if this micro-step ends an accumulation window; returns whether."""
         ...
 
+    def at_boundary(self) -> bool:
+        """Whether this micro-step (backward done, :meth:`step` not yet called) ends a window."""
+        ...
+
+    def skip_step(self) -> None:
+        """End this window without an optimizer step: its gradients are dropped (instead of
+        :meth:`step`, at a boundary)."""
+        ...
+
     def train(self) -> None: ...
 
     def eval(self) -> None: ...
@@ -172,6 +181,14 @@ class DDPBackend:
     def backward(self, loss: torch.Tensor) -> None:
         loss = loss / self.grad_accum
         self.scaler.scale(loss).backward()
+
+    def at_boundary(self) -> bool:
+        return self._boundary()
+
+    def skip_step(self) -> None:
+        # No scaler.update() either: no inf check was recorded, and the scale stays.
+        self._micro += 1
+        self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> bool:
         boundary = self._boundary()
@@ -332,8 +349,16 @@ class DeepSpeedBackend:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
+    def at_boundary(self) -> bool:
+        return bool(self.engine.is_gradient_accumulation_boundary())
+
+    def skip_step(self) -> None:
+        # The engine's step also keeps its own counters, loss scale and ZeRO buffers: there is
+        # no public way to skip it (TrainConfig.check refuses train.nonfinite_loss=skip here).
+        raise NotImplementedError("train.nonfinite_loss=skip needs backend.name=ddp")
+
     def step(self) -> bool:
-        boundary = bool(self.engine.is_gradient_accumulation_boundary())
+        boundary = self.at_boundary()
         self.engine.step()
         return boundary
 

@@ -27,7 +27,7 @@ import random
 import re
 import shutil
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,7 +82,14 @@ class CheckpointMarker:
         metric: Validation metric at an epoch end (for keep-best), else None.
         world_size: Ranks that wrote it.
         backend: ddp or deepspeed (resume must use the same).
-        classes: Class names.
+        classes: Class names, in the order of the model's outputs.
+        config_fingerprint: :func:`srmri.fingerprint.config_fingerprint` of the run's config
+            without :data:`trainer.config.RESULT_NEUTRAL_KEYS` ("" in older checkpoints).
+        dataset_id: ``dataset_id`` of the shard set trained on ("" when not recorded).
+        sr_dataset: For ``sr``/``lr+sr`` inputs, the SR shard set's id and the model and
+            settings that made it; "" otherwise.
+        threads: Torch CPU threads the run computed with (0 when not recorded).
+        early_stopped: Whether early stopping ended the run at this (epoch-end) checkpoint.
     """
 
     step: int
@@ -92,13 +99,18 @@ class CheckpointMarker:
     world_size: int
     backend: str
     classes: list[str]
+    config_fingerprint: str = ""
+    dataset_id: str = ""
+    sr_dataset: str = ""
+    threads: int = 0
+    early_stopped: bool = False
 
 
 @dataclass(frozen=True)
 class CheckpointInfo(CheckpointMarker):
     """A complete checkpoint on disk: its directory and its marker."""
 
-    path: Path
+    path: Path = field(kw_only=True)
 
 
 def read_info(path: Path) -> CheckpointInfo:
@@ -126,6 +138,12 @@ def read_info(path: Path) -> CheckpointInfo:
             world_size=int(data["world_size"]),
             backend=str(data["backend"]),
             classes=[str(c) for c in data["classes"]],
+            # Recorded since resumes are checked; older markers lack them.
+            config_fingerprint=str(data.get("config_fingerprint", "")),
+            dataset_id=str(data.get("dataset_id", "")),
+            sr_dataset=str(data.get("sr_dataset", "")),
+            threads=int(data.get("threads", 0)),
+            early_stopped=bool(data.get("early_stopped", False)),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{marker}: corrupt checkpoint marker ({exc})") from exc

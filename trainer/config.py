@@ -21,6 +21,8 @@ from trainer.precision import Precision
 from trainer.srnet import SRConfig
 
 __all__ = [
+    "RESULT_NEUTRAL_KEYS",
+    "RESUME_MAY_CHANGE",
     "BackendConfig",
     "CheckpointConfig",
     "DataConfig",
@@ -33,6 +35,28 @@ __all__ = [
     "load_train_config",
     "run_dir_of",
 ]
+
+# Keys that cannot change what a run computes, left out of its config fingerprint and free to
+# differ on resume: where the run lives (``out_dir``, ``name``; the shard sets' paths
+# ``data.root``/``data.sr_root``, since the sets themselves are compared by their ids), how
+# often it logs, how it finds its checkpoint, and which checkpoints it writes and keeps. Not
+# here, because each changes the numbers: ``data.num_workers`` (the loader splits an epoch's
+# batches into one block per worker, each shuffled on its own), ``train.device``,
+# ``train.threads`` (CPU reductions are split per thread), ``data.eval_batch_size``.
+RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
+    "out_dir",
+    "name",
+    "data.root",
+    "data.sr_root",
+    "train.log_every",
+    "train.resume",
+    "checkpoint",
+)
+
+# What a resume may change (see README "What a resume may change"): ``optim.lr`` and
+# ``optim.weight_decay`` while the run is unfinished (PBT mutates them between epochs), and a
+# longer ``train.epochs`` (the LR schedule is rebuilt for the new length at the step reached).
+RESUME_MAY_CHANGE: tuple[str, ...] = ("optim.lr", "optim.weight_decay", "train.epochs")
 
 
 @dataclass
@@ -136,10 +160,14 @@ class SchedConfig:
 
     Attributes:
         name: cosine (to ``min_lr``), step (``gamma`` every ``step_epochs``), onecycle, plateau
-            (``factor`` after ``patience`` epochs without validation improvement), constant.
+            (multiply by ``factor`` once the validation metric has gone *more than*
+            ``patience`` epochs without improving, i.e. at the ``patience + 1``-th such epoch in
+            a row, as torch's ReduceLROnPlateau counts; early stopping instead stops *after*
+            ``train.early_stop.patience`` such epochs), constant.
         warmup_epochs: Linear warmup length (fractions allowed).
-        warmup_lr: Learning rate at the start of the warmup.
-        min_lr: Floor of cosine/onecycle/plateau.
+        warmup_lr: Learning rate at the start of the warmup (at most ``optim.lr``).
+        min_lr: Floor of cosine/onecycle/plateau (at most ``optim.lr``).
+        patience: Plateau: epochs without improvement tolerated before the LR drops.
     """
 
     name: Literal["cosine", "step", "onecycle", "plateau", "constant"] = "cosine"
@@ -163,9 +191,13 @@ class SchedConfig:
 
 @dataclass
 class EarlyStopConfig:
-    """Stop when ``metric`` has not improved for ``patience`` epochs (0 disables).
+    """Stop after ``patience`` epochs in a row without improvement of ``metric`` (0 disables).
 
-    ``metric`` empty means the task's own "best" metric (balanced accuracy for classify).
+    With ``patience: 2`` a run whose metric last improved at epoch 3 ends after epoch 5 (the
+    plateau schedule's ``sched.patience`` counts differently: it acts one epoch later).
+    ``metric`` empty means the task's own "best" metric (balanced accuracy for classify); a
+    name the validation does not report is an error after the first validation. It also ranks
+    checkpoints for ``checkpoint.keep_best`` and drives the plateau schedule.
     """
 
     metric: str = ""
@@ -192,7 +224,17 @@ class TrainSection:
         early_stop: Early stopping.
         ema_decay: Keep an EMA of the weights with this decay and validate it; None: off.
         log_every: Log train loss every N optimizer steps.
-        resume: ``auto`` (the run dir's last checkpoint if any), ``never``, or a checkpoint path.
+        resume: ``auto`` (the run dir's last checkpoint if any), ``never`` (start over: the
+            run dir's old checkpoints move to ``checkpoints.replaced-N``), or a checkpoint
+            path. A checkpoint made under other settings is refused, except for
+            :data:`RESUME_MAY_CHANGE`.
+        threads: CPU threads of torch's intra-op pool (``torch.set_num_threads``), set at the
+            start of the run so that its numbers do not depend on ``OMP_NUM_THREADS`` or the
+            machine's load; 0 means this machine's cores shared among its ranks, resolved once
+            and recorded in the saved config (a resume elsewhere then asks for that count).
+        nonfinite_loss: What a nan or infinite training loss (on any rank) does: ``stop`` the
+            run with an error, or ``skip`` that optimizer step (its gradients are dropped on
+            every rank; BatchNorm statistics of its forward stay; ddp backend only).
     """
 
     epochs: int = 30
@@ -207,6 +249,8 @@ class TrainSection:
     ema_decay: float | None = None
     log_every: int = 20
     resume: str = "auto"
+    threads: int = 1
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
 
     def check(self) -> None:
         require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -224,6 +268,7 @@ class TrainSection:
         )
         require(self.log_every >= 1, "train.log_every", "must be >= 1")
         require(bool(self.resume), "train.resume", "auto, never or a checkpoint path")
+        require(self.threads >= 0, "train.threads", "must be >= 0 (0: the machine's cores)")
 
 
 @dataclass
@@ -308,12 +353,39 @@ class TrainConfig:
 
     def check(self) -> None:
         require(bool(self.out_dir), "out_dir", "must be a folder")
-        require("/" not in self.name, "name", "must be a plain folder name")
+        require(_plain_name(self.name), "name", f"must be a plain folder name, got {self.name!r}")
+        o, s = self.optim, self.sched
+        require(s.min_lr <= o.lr, "sched.min_lr", f"must be <= optim.lr={o.lr:g}, got {s.min_lr:g}")
+        require(
+            s.warmup_epochs == 0 or s.warmup_lr <= o.lr,
+            "sched.warmup_lr",
+            f"the warmup rises to optim.lr={o.lr:g}: must be <= it, got {s.warmup_lr:g}",
+        )
+        require(
+            self.train.nonfinite_loss == "stop" or self.backend.name == "ddp",
+            "train.nonfinite_loss",
+            "skip needs backend.name=ddp (DeepSpeed steps its own optimizer)",
+        )
         require(
             self.backend.name == "deepspeed" or self.backend.zero_stage == 0,
             "backend.zero_stage",
             "ZeRO stages need backend.name=deepspeed",
         )
+
+
+def _plain_name(name: str) -> bool:
+    """Whether ``name`` is empty (the default) or one folder inside ``out_dir``.
+
+    ``..`` or a path would put the run's checkpoints and metrics outside ``out_dir``.
+    """
+    if not name:
+        return True
+    return (
+        bool(name.strip())
+        and name not in (".", "..")
+        and not any(c in name for c in "/\\\0")
+        and not Path(name).is_absolute()
+    )
 
 
 def run_dir_of(cfg: TrainConfig) -> Path:

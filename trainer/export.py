@@ -4,7 +4,8 @@ The output is ``model.safetensors`` (``timm.create_model(name, in_chans=1, num_c
 then ``load_state_dict``) plus ``model.json`` beside it (model name, classes, input size and
 kind). Weights come from, in order of preference: the EMA (when the run kept one, since that is
 what was validated), DeepSpeed's fp32 master weights consolidated with ``zero_to_fp32`` (exact
-under bf16/fp16 and ZeRO 1/2), or the checkpoint's ``module.pt``.
+under bf16/fp16 and ZeRO 1/2), or the checkpoint's ``module.pt`` (DDP, and DeepSpeed ZeRO
+stage 0, whose checkpoints ``zero_to_fp32`` cannot read).
 """
 
 from __future__ import annotations
@@ -47,13 +48,17 @@ def _from_deepspeed(ckpt: CheckpointInfo) -> dict[str, torch.Tensor] | None:
     """fp32 master weights of a DeepSpeed ZeRO checkpoint, or None when there are none."""
     if not (ckpt.path / "deepspeed").is_dir():
         return None
+    if checkpoint_config(ckpt).backend.zero_stage == 0:
+        # Stage 0 records no ZeRO partitions (zero_to_fp32 fails on its missing param_shapes):
+        # module.pt holds the module's own weights, exact in fp32 and under CPU autocast.
+        return None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # it prints per-tensor progress
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path), tag="deepspeed")
     except (FileNotFoundError, ValueError, KeyError):
-        return None  # stage 0 in fp32 keeps no separate master copy; module.pt is exact
+        return None  # no consolidated masters to read: module.pt is the module's weights
     return {k: v.float().contiguous() for k, v in state.items()}
 
 

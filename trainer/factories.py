@@ -9,6 +9,7 @@ and biases). Schedules are torch's LR schedulers, stepped once per optimizer ste
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import timm
@@ -148,6 +149,18 @@ class LRSchedule:
         elif self.warmup is not None and self.steps <= self.warmup_steps:
             self.warmup.step()
 
+    def fast_forward(self, steps: int) -> None:
+        """Advance ``steps`` optimizer steps without training (a schedule rebuilt on resume).
+
+        Args:
+            steps: Optimizer steps the run has already done.
+        """
+        with warnings.catch_warnings():
+            # Stepping the schedulers of an optimizer that has not stepped yet is the point here.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step")
+            for _ in range(steps):
+                self.step()
+
     def step_epoch(self, metric: float | None) -> None:
         """End of an epoch: the plateau schedule looks at the validation metric."""
         if self.plateau is not None and metric is not None and self.steps >= self.warmup_steps:
@@ -225,8 +238,15 @@ def create_scheduler(
     epochs: int,
     steps_per_epoch: int,
     mode: Literal["max", "min"] = "max",
+    at_step: int = 0,
 ) -> LRSchedule:
     """Build the schedule; every kind starts with a linear warmup from ``warmup_lr`` to ``lr``.
+
+    With ``at_step`` the schedule is the one a run of this length would be on after that many
+    optimizer steps: a run resumed with a longer ``train.epochs`` continues along the longer
+    schedule from the step it reached, without a second warmup. The optimizer's param groups
+    (restored from a checkpoint of the old schedule) are reset to ``lr`` first. The plateau
+    schedule's epoch state (its reductions) is not replayed; it does not depend on the length.
 
     Args:
         optimizer: The optimizer (its param groups' ``lr`` must equal ``lr``).
@@ -238,13 +258,38 @@ def create_scheduler(
         epochs: Training epochs.
         steps_per_epoch: Optimizer steps per epoch.
         mode: plateau: whether the validation metric is maximised or minimised.
+        at_step: Optimizer steps already done (0: a new run).
 
     Returns:
-        The schedule, already at step 0.
+        The schedule, at step ``at_step``.
 
     Raises:
         ValueError: On an unknown schedule name.
     """
+    if at_step:
+        # torch's schedulers keep an ``initial_lr`` already in a group (setdefault): the old
+        # schedule's anchors must go, or the rebuilt one would start from the old peak's state.
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+            for key in ("initial_lr", "max_lr", "min_lr"):
+                group.pop(key, None)
+    schedule = _schedule(
+        optimizer, cfg, lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch, mode=mode
+    )
+    schedule.fast_forward(at_step)
+    return schedule
+
+
+def _schedule(
+    optimizer: torch.optim.Optimizer,
+    cfg: SchedConfig,
+    *,
+    lr: float,
+    epochs: int,
+    steps_per_epoch: int,
+    mode: Literal["max", "min"],
+) -> LRSchedule:
+    """The schedule of :func:`create_scheduler`, at step 0."""
     total = max(1, epochs * steps_per_epoch)
     warm = 0
     if cfg.warmup_epochs > 0:

@@ -9,8 +9,10 @@ Everything task- or backend-specific lives behind ``Task`` and ``Backend``.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import itertools
+import math
 import os
 import threading
 import time
@@ -26,8 +28,21 @@ from tqdm import tqdm
 
 from shards.format import read_index
 from shards.loader import ShardLoader, create_loader
-from srmri.config import apply_overrides, config_from_dict, config_to_dict, dump_config
-from srmri.distributed import DistInfo, broadcast_buffers, init_distributed, print0
+from srmri.config import (
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+)
+from srmri.distributed import (
+    DistInfo,
+    all_gather_floats,
+    barrier,
+    broadcast_buffers,
+    init_distributed,
+    print0,
+)
 from srmri.exitcodes import REQUEUE
 from trainer.backend import Backend, create_backend
 from trainer.batch import TaskBatch
@@ -50,11 +65,39 @@ from trainer.preempt import (
     any_rank_requested,
     install_preemption_handler,
 )
-from trainer.rundir import RunDir, eval_dir_of, eval_metrics_path, scalars, write_json
+from trainer.resume import (
+    ResumePoint,
+    RunIdentity,
+    apply_threads,
+    check_classes,
+    resume_point,
+    run_identity,
+)
+from trainer.rundir import (
+    RunDir,
+    eval_dir_of,
+    eval_metrics_path,
+    locked_run_dir,
+    scalars,
+    write_json,
+)
 from trainer.state import OptimHParams, TrainState
 from trainer.task import Prepare, Task, create_task
 
-__all__ = ["Run", "TrainState", "build_run", "evaluate", "fit", "seed_everything", "validate"]
+__all__ = [
+    "NonFiniteLoss",
+    "Run",
+    "TrainState",
+    "build_run",
+    "evaluate",
+    "fit",
+    "seed_everything",
+    "validate",
+]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became nan or infinite (``train.nonfinite_loss: stop``)."""
 
 
 @dataclass
@@ -76,6 +119,7 @@ class Run:
     classes: list[str]
     hparams: OptimHParams
     state: TrainState = field(default_factory=TrainState)
+    identity: RunIdentity | None = None  # what its checkpoints record about what made them
 
     def shared_components(self) -> dict[str, Stateful | None]:
         """What rank 0 checkpoints into ``trainer.pt`` (the same on every rank)."""
@@ -145,11 +189,17 @@ def build_run(cfg: TrainConfig) -> Run:
         The assembled run, resumed from a checkpoint when ``train.resume`` finds one.
     """
     info = init_distributed(cfg.train.device)
+    cfg = apply_threads(cfg)  # before any computation; the saved config records the count
     seed_everything(cfg.train.seed, cfg.train.deterministic)
+    index = read_index(cfg.data.root)
+    identity = run_identity(cfg, index)
+    # Checked before the run directory is touched: a refused resume must leave it as it was.
+    point = resume_point(cfg, run_dir_of(cfg) / "checkpoints", identity)
     rundir = RunDir(run_dir_of(cfg), info.is_main)
     print0(dump_config(cfg))
+    print0(f"torch CPU threads: {cfg.train.threads}")
     rundir.save_config(cfg)
-    classes = list(read_index(cfg.data.root).classes)
+    classes = list(index.classes)
     task = create_task(cfg, classes)
     train_loader = _loader(cfg, task, cfg.data.train_split, True, info)
     val_loader = _loader(cfg, task, cfg.data.val_split, False, info)
@@ -190,19 +240,23 @@ def build_run(cfg: TrainConfig) -> Run:
         mode=mode,
         classes=classes,
         hparams=OptimHParams.of(cfg.optim),
+        identity=identity,
     )
-    _maybe_resume(run)
+    _maybe_resume(run, point)
     return run
 
 
-def _maybe_resume(run: Run) -> None:
-    """Restore the newest checkpoint of the run dir (``resume: auto``) or a given one."""
-    how = run.cfg.train.resume
-    if how == "never":
+def _maybe_resume(run: Run, point: ResumePoint | None) -> None:
+    """Restore the checkpoint ``train.resume`` picked (already checked to fit this run).
+
+    ``train.resume=never`` starts over: the run directory's old checkpoints are removed, or the
+    newest of them (a higher step) would outlive the new ones and be resumed later.
+    """
+    if run.cfg.train.resume == "never":
+        _start_over(run)
+    if point is None:
         return
-    found = latest_checkpoint(run.rundir.checkpoints) if how == "auto" else resolve_checkpoint(how)
-    if found is None:
-        return
+    found = point.checkpoint
     same_world = found.world_size == run.info.world_size
     per_rank = run.rank_components()
     if found.epoch_end or not same_world:
@@ -220,29 +274,76 @@ def _maybe_resume(run: Run) -> None:
             f"warning: {found.path} was written by {info.world_size} ranks; resuming on "
             f"{run.info.world_size} restarts its epoch's data order"
         )
-    _apply_changed_hparams(run)
+    rebuilt = point.lengthened(run.cfg) and run.cfg.sched.name != "plateau"
+    if rebuilt:
+        _lengthen_schedule(run, point.saved.train.epochs)
+    _apply_changed_hparams(run, rescale=not rebuilt)
     st = run.state
     if info.epoch_end:
         st.epoch, st.micro = info.epoch + 1, 0
     elif not (restored and same_world):
         st.micro = 0  # no loader position for this rank: the epoch restarts
+    if info.early_stopped:
+        st.epoch = max(st.epoch, run.cfg.train.epochs)  # finished: another epoch would change it
     print0(f"resumed from {found.path} (epoch {st.epoch}, step {st.step})")
 
 
-def _apply_changed_hparams(run: Run) -> None:
+def _start_over(run: Run) -> None:
+    """Move the run directory's checkpoints aside (rank 0), for ``train.resume=never``.
+
+    Nothing is deleted: the old checkpoints go to ``checkpoints.replaced-N`` (the first free N),
+    where neither pruning nor a later ``resume: auto`` looks.
+    """
+    old = latest_checkpoint(run.rundir.checkpoints)
+    if old is not None and run.info.is_main:
+        n = 1
+        while (aside := run.rundir.path / f"checkpoints.replaced-{n}").exists():
+            n += 1
+        print0(f"train.resume=never: the old checkpoints of {run.rundir.path} moved to {aside}")
+        run.rundir.checkpoints.rename(aside)
+    barrier()
+
+
+def _lengthen_schedule(run: Run, old_epochs: int) -> None:
+    """Put a run given more epochs on the longer schedule, at the step it reached.
+
+    The restored schedule would run on along the old length (a finished cosine climbs back
+    from its floor); the rebuilt one continues from the longer schedule's LR at this step, with
+    no second warmup.
+    """
+    t = run.cfg.train
+    run.schedule = create_scheduler(
+        run.backend.optimizer,
+        run.cfg.sched,
+        lr=run.cfg.optim.lr,
+        epochs=t.epochs,
+        steps_per_epoch=run.micro_per_epoch // t.grad_accum,
+        mode=run.mode,
+        at_step=run.state.step,
+    )
+    print0(
+        f"train.epochs changed since the checkpoint ({old_epochs} -> {t.epochs}): the LR "
+        f"schedule continues along the {t.epochs}-epoch one from step {run.state.step}"
+    )
+
+
+def _apply_changed_hparams(run: Run, rescale: bool = True) -> None:
     """Make ``optim.lr`` / ``optim.weight_decay`` of this run's config win over the checkpoint's.
 
     Resuming restores the optimizer's param groups and the schedule as they were saved; a PBT
     exploit (or a user's override on resume) that changed either value would otherwise do
-    nothing. The LR schedule is rescaled by new/old peak; weight decay is set on the groups
-    :func:`trainer.factories.create_optimizer` marked as decaying (norms and biases keep none).
+    nothing. The LR schedule is rescaled by new/old peak (unless ``rescale`` is false: a
+    schedule rebuilt for a longer run already has the new peak); weight decay is set on the
+    groups :func:`trainer.factories.create_optimizer` marked as decaying (norms and biases keep
+    none). Only an unfinished run gets here with changed values (:mod:`trainer.resume`).
     """
     saved = run.hparams.saved
     if not saved:
         return
     o = run.cfg.optim
     if o.lr != saved["lr"]:
-        run.schedule.rescale(o.lr / saved["lr"])
+        if rescale:
+            run.schedule.rescale(o.lr / saved["lr"])
         print0(
             f"optim.lr changed since the checkpoint ({saved['lr']:g} -> {o.lr:g}): "
             "the LR schedule is rescaled"
@@ -259,6 +360,7 @@ def _apply_changed_hparams(run: Run) -> None:
 
 def _save(run: Run, epoch_end: bool, metric: float | None) -> Path:
     st = run.state
+    patience = run.cfg.train.early_stop.patience
     marker = CheckpointMarker(
         step=st.step,
         epoch=st.epoch,
@@ -267,6 +369,11 @@ def _save(run: Run, epoch_end: bool, metric: float | None) -> Path:
         world_size=run.info.world_size,
         backend=run.cfg.backend.name,
         classes=run.classes,
+        config_fingerprint=run.identity.config_fingerprint if run.identity else "",
+        dataset_id=run.identity.dataset_id if run.identity else "",
+        sr_dataset=run.identity.sr_dataset if run.identity else "",
+        threads=run.cfg.train.threads,
+        early_stopped=epoch_end and 0 < patience <= st.bad_epochs,
     )
     path = save_checkpoint(
         run.rundir.checkpoints,
@@ -365,13 +472,17 @@ def fit(cfg: TrainConfig, on_epoch_end: EpochHook | None = None) -> dict[str, An
 def _fit(
     cfg: TrainConfig, on_epoch_end: EpochHook | None, preempt: Preemption | None
 ) -> dict[str, Any]:
-    run = build_run(cfg)
-    for epoch in range(run.state.epoch, cfg.train.epochs):
-        run.state.epoch = epoch
-        train_loss = _train_epoch(run, preempt)
-        if _end_epoch(run, train_loss, on_epoch_end, preempt):
-            break
-    return _finish(run)
+    info = init_distributed(cfg.train.device)
+    # Held until the run ends or fails (or its process dies): a second fit on this run dir
+    # fails at once instead of interleaving its checkpoints with this one's.
+    with locked_run_dir(run_dir_of(cfg), info.is_main):
+        run = build_run(cfg)
+        for epoch in range(run.state.epoch, cfg.train.epochs):
+            run.state.epoch = epoch
+            train_loss = _train_epoch(run, preempt)
+            if _end_epoch(run, train_loss, on_epoch_end, preempt):
+                break
+        return _finish(run)
 
 
 @dataclass
@@ -381,6 +492,18 @@ class _EpochProgress:
     loss_sum: torch.Tensor  # sum of the micro-batch losses, on the device (no sync per step)
     samples: int = 0  # samples seen on this rank since this process started the epoch
     start: float = field(default_factory=time.perf_counter)
+    window: torch.Tensor | None = None  # loss sum of the accumulation window in progress
+    skipped: int = 0  # micro-steps of skipped (non-finite) windows, left out of loss_sum
+
+    def add(self, loss: torch.Tensor) -> None:
+        """One micro-batch's loss, into the window in progress."""
+        loss = loss.detach().float()
+        self.window = loss if self.window is None else self.window + loss
+
+    def mean(self, micro: int) -> float:
+        """Mean micro-batch loss of the epoch's ``micro`` steps so far (nan when none count)."""
+        counted = micro - self.skipped
+        return self.loss_sum.item() / counted if counted > 0 else float("nan")
 
 
 def _train_epoch(run: Run, preempt: Preemption | None) -> float:
@@ -397,18 +520,56 @@ def _train_epoch(run: Run, preempt: Preemption | None) -> float:
     )
     progress = _EpochProgress(torch.tensor(st.epoch_loss if st.micro else 0.0, device=b.device))
     batches = _rng_neutral(itertools.islice(run.train_loader, run.micro_per_epoch - st.micro))
-    for batch in batches:
-        with b.micro_step():
-            loss, n = run.task.train_loss(b, batch)
-            b.backward(loss)
-        progress.loss_sum += loss.detach().float()
-        progress.samples += n
-        st.micro += 1
-        bar.update()
-        if b.step():
-            _after_optimizer_step(run, progress, bar, preempt)
-    bar.close()
-    return progress.loss_sum.item() / st.micro
+    with bar:  # closed on an error too, so that the error is the log's last line
+        for batch in batches:
+            with b.micro_step():
+                loss, n = run.task.train_loss(b, batch)
+                b.backward(loss)
+            progress.add(loss)
+            progress.samples += n
+            st.micro += 1
+            bar.update()
+            if b.at_boundary() and not _window_is_finite(run, progress):
+                b.skip_step()
+            elif b.step():
+                _after_optimizer_step(run, progress, bar, preempt)
+    return progress.mean(st.micro)
+
+
+def _window_is_finite(run: Run, progress: _EpochProgress) -> bool:
+    """Whether every rank's loss of this accumulation window is finite (collective).
+
+    All ranks decide together from every rank's value: under DDP a nan on one rank reaches
+    every rank's gradients through the all-reduce. A finite window joins the epoch's loss sum;
+    a non-finite one stops the run (``train.nonfinite_loss: stop``) or is left out of it.
+
+    Raises:
+        NonFiniteLoss: Naming the step, epoch, loss and a remedy, under ``stop``.
+    """
+    assert progress.window is not None
+    window, progress.window = progress.window, None
+    losses = all_gather_floats(window)
+    if all(map(math.isfinite, losses)):
+        progress.loss_sum += window
+        return True
+    st, t = run.state, run.cfg.train
+    bad = [(rank, v / t.grad_accum) for rank, v in enumerate(losses) if not math.isfinite(v)]
+    where = ", ".join(f"{v} on rank {rank}" for rank, v in bad)
+    what = (
+        f"training loss is not finite at optimizer step {st.step + 1} (epoch {st.epoch}, "
+        f"micro-step {st.micro} of {run.micro_per_epoch}): {where}"
+    )
+    if t.nonfinite_loss == "stop":
+        hints = [f"lower optim.lr (now {run.cfg.optim.lr:g})"]
+        hints += ["set train.clip_grad"] if not t.clip_grad else []
+        hints += ["use train.precision=fp32"] if t.precision != "fp32" else []
+        raise NonFiniteLoss(
+            f"{what}. The run has diverged: {', '.join(hints)}; or set "
+            "train.nonfinite_loss=skip to skip such steps"
+        )
+    progress.skipped += t.grad_accum
+    print0(f"warning: {what}; step skipped (train.nonfinite_loss=skip)")
+    return False
 
 
 def _after_optimizer_step(
@@ -437,7 +598,7 @@ def _log_train(run: Run, progress: _EpochProgress, bar: tqdm) -> None:
     """Training loss, LR and throughput to the progress bar and TensorBoard."""
     st = run.state
     rate = progress.samples * run.info.world_size / (time.perf_counter() - progress.start)
-    loss, lr = progress.loss_sum.item() / st.micro, run.schedule.lr()
+    loss, lr = progress.mean(st.micro), run.schedule.lr()
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
     logs = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}
     run.rundir.log_scalars(st.step, logs)
@@ -455,7 +616,7 @@ def _end_epoch(
     broadcast_buffers(b.module)
     eval_model = run.ema.module if run.ema is not None else b.module
     results = validate(run.task, eval_model, run.val_loader, b.to_input, b.autocast, b.device)
-    value = float(results.get(run.metric, float("nan")))
+    value = _metric_value(run, results)
     run.schedule.step_epoch(value)
     row = {
         "epoch": st.epoch,
@@ -482,6 +643,25 @@ def _end_epoch(
     return False
 
 
+def _metric_value(run: Run, results: dict[str, Any]) -> float:
+    """The validation value of the run's metric.
+
+    Raises:
+        ConfigError: When the validation does not report it (a misspelt
+            ``train.early_stop.metric`` would otherwise read as nan: it never improves, so early
+            stopping ends the run, checkpoints rank by nan and the plateau never acts).
+    """
+    if run.metric not in results:
+        names = sorted(scalars(results))
+        close = difflib.get_close_matches(run.metric, names, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"train.early_stop.metric: the validation reports no metric {run.metric!r}{hint}; "
+            f"it reports: {', '.join(names)}"
+        )
+    return float(results[run.metric])
+
+
 def _finish(run: Run) -> dict[str, Any]:
     """Write ``metrics.json`` and close the run directory; returns the summary."""
     st = run.state
@@ -494,6 +674,7 @@ def _finish(run: Run) -> dict[str, Any]:
         "final": st.last_metrics,
         "epochs_run": len(st.history),
         "steps": st.step,
+        "threads": run.cfg.train.threads,
         "run_dir": str(run.rundir.path),
     }
     run.rundir.write_metrics(summary)
@@ -525,7 +706,11 @@ def evaluate(
         cfg = config_from_dict(
             TrainConfig, apply_overrides(config_to_dict(cfg), overrides, TrainConfig)
         )
+    if cfg.task == "classify":
+        # Outputs are class indices: a permuted class list would score every prediction wrong.
+        check_classes(ckpt, cfg.data.root, read_index(cfg.data.root).classes)
     info = init_distributed(cfg.train.device)
+    cfg = apply_threads(cfg)
     task = create_task(cfg, ckpt.classes)
     model = task.build_model()
     model.load_state_dict(load_fp32_weights(ckpt))

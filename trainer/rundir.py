@@ -4,14 +4,22 @@
 ``metrics.csv`` (one row per epoch), ``tb/`` (TensorBoard scalars), ``predictions.parquet``
 (key, label, predicted class and one probability column per class), and PNGs of the learning
 curves and confusion matrix (drawn by ``trainer.plots``).
+
+``.lock`` is held by the run writing the directory (:func:`locked_run_dir`): a second ``fit``
+on the same directory fails at once, naming the holder, instead of interleaving checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
+import fcntl
 import json
 import math
-from collections.abc import Sequence
+import os
+import socket
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +27,149 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from srmri import atomic
-from srmri.config import save_config
+from srmri.config import ConfigError, save_config
+from srmri.distributed import all_gather_objects
 
 __all__ = [
+    "LOCK_FILE",
     "RunDir",
+    "RunDirInUse",
+    "RunLock",
     "eval_dir_of",
     "eval_metrics_path",
+    "locked_run_dir",
+    "make_run_dir",
     "predictions_path",
     "scalars",
     "write_json",
     "write_predictions",
 ]
+
+
+LOCK_FILE = ".lock"
+
+
+class RunDirInUse(RuntimeError):
+    """Another process holds the run directory's lock; the message names it."""
+
+
+def make_run_dir(path: Path) -> None:
+    """Create the run directory ``out_dir/name`` (and its parents) if missing.
+
+    Raises:
+        srmri.config.ConfigError: Naming the path when it or a folder above it is a file.
+    """
+    for at in (path, *path.parents):
+        if at.exists() and not at.is_dir():
+            key = "name" if at == path else "out_dir"
+            raise ConfigError(f"{key}: {at} is a file, not a folder (run directory {path})")
+    path.mkdir(parents=True, exist_ok=True)
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``RUN/.lock`` that names its holder.
+
+    The holder writes its pid, host and start time into the file. The kernel drops a flock when
+    its process dies however it dies (SIGKILL, OOM, a node reboot), so a stale file never
+    blocks the next run; only the text naming the last holder stays behind.
+
+    Args:
+        run_dir: The run directory (must exist).
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock now or fail; nothing else in the run directory is touched.
+
+        Raises:
+            RunDirInUse: Naming the pid, host and start time of the holder.
+        """
+        # No O_TRUNC: the holder's record must survive a failed attempt.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirInUse(self._in_use_message()) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (a no-op when not held)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)  # before unlocking: a later holder's record is never cut
+        finally:
+            os.close(fd)  # closing the only descriptor releases the flock
+
+    def _in_use_message(self) -> str:
+        try:
+            holder = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        pid = holder.get("pid", "?")
+        host = holder.get("host", "?")
+        since = holder.get("since", "?")
+        return (
+            f"{self.run_dir} is in use by pid {pid} on {host} since {since}; "
+            "wait for it or use another name="
+        )
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def locked_run_dir(path: Path, is_main: bool) -> Iterator[None]:
+    """Create ``path`` and hold its lock for the block (collective: every rank calls it).
+
+    Rank 0 creates the directory and takes the lock; every rank learns the outcome, so a
+    refused run fails on all ranks at once instead of leaving the others waiting for rank 0.
+    The lock is released when the block ends, on an exception too.
+
+    Args:
+        path: The run directory.
+        is_main: Whether this is rank 0.
+
+    Raises:
+        RunDirInUse: When another process holds the lock.
+        srmri.config.ConfigError: When ``path`` or a folder above it is a file.
+    """
+    lock = RunLock(path)
+    error: Exception | None = None
+    if is_main:
+        try:
+            make_run_dir(path)
+            lock.acquire()
+        except (RunDirInUse, ConfigError, OSError) as exc:
+            error = exc
+    errors = [e for e in all_gather_objects(error) if e is not None]
+    if errors:
+        lock.release()
+        raise error if error is not None else errors[0]
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def eval_dir_of(run_dir: Path, split: str) -> Path:

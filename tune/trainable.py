@@ -196,7 +196,9 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         config: Sampled values, dotted trainer key -> value.
         setup: The search's shared settings.
     """
+    from trainer.checkpoint import read_info
     from trainer.config import run_dir_of
+    from trainer.resume import finishes_run
     from tune.space import trial_config
 
     trial_dir = Path(setup.experiment_dir) / tune.get_context().get_trial_id()
@@ -204,6 +206,11 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
+            if finishes_run(read_info(Path(folder)), cfg):
+                # A PBT exploit after the last epoch (or a retry after it): nothing is left to
+                # train, and a finished run resumed under mutated values would be refused. The
+                # run directory keeps what the trial's own epochs wrote.
+                return
             restore_checkpoint(Path(folder), run_dir_of(cfg) / "checkpoints")
     if setup.workers == 1:
         _fit_here(cfg)
