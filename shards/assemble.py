@@ -16,7 +16,13 @@ from shards.format import MANIFEST_NAME, SPLITS, DatasetIndex, ShardInfo
 from shards.ingest_config import IngestConfig
 from shards.sources.base import SourceItem
 from shards.split import assign_splits, keys_hash
-from shards.writer import ManifestRow, legacy_group_kind, write_manifest, write_split_shards
+from shards.writer import (
+    ManifestRow,
+    content_id,
+    legacy_group_kind,
+    write_manifest,
+    write_split_shards,
+)
 from srmri.config import config_to_dict
 
 __all__ = ["assemble", "summarize"]
@@ -92,7 +98,9 @@ def assemble(
     items: Sequence[SourceItem],
     done: dict[str, list[dict]],
     stage: Path,
-    dataset_id: str,
+    *,
+    made_from: dict[str, str],
+    fingerprint: str,
 ) -> tuple[list[ManifestRow], DatasetIndex]:
     """Cluster duplicates, assign splits, write shards and the manifest into ``cfg.out``.
 
@@ -101,10 +109,12 @@ def assemble(
         items: All inputs, in listing order.
         done: Per input (rel_path), the records its processing produced.
         stage: Staging folder holding ``items/<key>.u16`` pixels.
-        dataset_id: Fingerprint of config and inputs.
+        made_from: Fingerprints of what makes the set (``config``, ``inputs``).
+        fingerprint: Their combined fingerprint.
 
     Returns:
-        All manifest rows and the index (not yet written: the caller writes it last).
+        All manifest rows and the index (not yet written: the caller writes it last). The
+        index's ``dataset_id`` is the set's :func:`~shards.writer.content_id`.
     """
     out = Path(cfg.out)
     rows, hints = _rows(cfg, items, done)
@@ -112,18 +122,20 @@ def assemble(
     load_image = _staged_images(stage, cfg.preprocess.size)
     cluster = _mark_duplicates(ok, load_image, cfg.dedup)
     _assign_splits(ok, cluster, hints, cfg)
+    dataset_id = content_id(ok, cfg.classes)  # splits and removed duplicates are final now
     infos = _write_shards(ok, stage=stage, load_image=load_image, cfg=cfg, dataset_id=dataset_id)
     _move_shards(infos, stage, out)
     test_hash = keys_hash([r.key for r in ok if r.split == "test" and r.status == "ok"])
-    write_manifest(
-        out / MANIFEST_NAME, rows, {"dataset_id": dataset_id, "test_keys_sha256": test_hash}
-    )
+    meta = {"dataset_id": dataset_id, "test_keys_sha256": test_hash, "fingerprint": fingerprint}
+    write_manifest(out / MANIFEST_NAME, rows, meta)
     index = DatasetIndex(
         dataset_id=dataset_id,
         classes=list(cfg.classes),
         image_size=cfg.preprocess.size,
         shards=infos,
         test_keys_sha256=test_hash,
+        fingerprint=fingerprint,
+        made_from=dict(made_from),
         counts=summarize(rows),
         config=config_to_dict(cfg),
         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -4,12 +4,21 @@ Each HR image is degraded with the same deterministic per-key degradation the cl
 ``lr`` input uses in evaluation (``sample_generator(seed, EVAL_EPOCH, key)``), then passed through
 the SR model. The output has the same shard names, sample order and keys as the input, so the
 loader can read it as an aligned root. Under torchrun each rank takes a disjoint set of shards.
-A finished shard gets a ``.done`` record (count and sha256); a re-run skips shards whose record
-matches, and ``index.json`` is written last, by rank 0, once every shard is done.
+A finished shard gets a ``.done`` record (count, sha256 and the fingerprint of what made it);
+a re-run skips shards whose record matches, and ``index.json`` is written last, by rank 0, once
+every shard is done.
+
+What makes an SR set (the SR model's id, the source set's ``dataset_id`` and shards, the
+degradation and seed) is its fingerprint, recorded in its index and in every ``.done`` record.
+An OUT holding anything made under another fingerprint (another model, another source set, a
+version that recorded none) is moved aside whole to ``OUT.replaced-<fingerprint>`` before any
+shard is written, so nothing another model made survives under the new index, and nothing is
+deleted either.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -31,16 +40,24 @@ from shards.format import (
     decode_image,
     encode_sample,
     from_uint16,
+    is_url,
     join_url,
     read_index,
     to_uint16,
     write_index,
 )
 from shards.loader import iter_shard
-from shards.writer import ManifestRow, file_sha256, legacy_group_kind, write_manifest
+from shards.writer import (
+    ManifestRow,
+    content_id,
+    file_sha256,
+    legacy_group_kind,
+    write_manifest,
+)
 from srmri.atomic import atomic_path, write_json
+from srmri.fingerprint import fingerprint
 
-__all__ = ["EnhanceSpec", "enhance"]
+__all__ = ["EnhanceSpec", "enhance", "made_from"]
 
 SRModel = Callable[[torch.Tensor], torch.Tensor]
 # A sample as a shard stores it: its key and the bytes of its members (npy, cls, json).
@@ -53,20 +70,91 @@ class EnhanceSpec:
 
     degrade: DegradeConfig
     seed: int
-    model_id: str  # e.g. the checkpoint path and its step
+    model_id: str  # identifies the weights (e.g. a hash of them and the step), not a path
     batch_size: int = 16
+
+
+def made_from(index: DatasetIndex, spec: EnhanceSpec) -> dict[str, str]:
+    """What an SR set of source ``index`` made under ``spec`` is made from, part by part.
+
+    Args:
+        index: The source set's index.
+        spec: The degradation, seed and SR model.
+
+    Returns:
+        ``model``, ``source`` (its dataset id), ``source_shards``, ``degrade`` and ``seed``;
+        the set's fingerprint is :func:`srmri.fingerprint.fingerprint` of this.
+    """
+    return {
+        "model": spec.model_id,
+        "source": index.dataset_id,
+        "source_shards": fingerprint([[i.name, i.sha256] for i in index.shards])[:32],
+        "degrade": fingerprint(asdict(spec.degrade))[:32],
+        "seed": str(spec.seed),
+    }
 
 
 def _done_path(out: Path, name: str) -> Path:
     return out / ".done" / f"{name}.json"
 
 
-def _is_done(out: Path, info: ShardInfo) -> bool:
+def _is_done(out: Path, info: ShardInfo, fp: str) -> bool:
     record, shard = _done_path(out, info.name), out / info.name
     if not (record.is_file() and shard.is_file()):
         return False
     done = json.loads(record.read_text())
+    if done.get("fingerprint") != fp:  # made by another model or from another source
+        return False
     return done.get("count") == info.count and done.get("sha256") == file_sha256(shard)
+
+
+def _fingerprints_in(out: Path) -> tuple[set[str], dict[str, str]]:
+    """The fingerprints OUT's index and ``.done`` records name ("" for none), its index's parts."""
+    found: set[str] = set()
+    parts: dict[str, str] = {}
+    if (out / "index.json").is_file():
+        try:
+            old = read_index(out)
+            found.add(old.fingerprint)
+            parts = old.made_from
+        except (ValueError, TypeError):  # not an index of this format: not ours
+            found.add("")
+    for record in sorted((out / ".done").glob("*.json")):
+        try:
+            found.add(str(json.loads(record.read_text()).get("fingerprint", "")))
+        except ValueError:
+            found.add("")
+    return found, parts
+
+
+def _set_aside_other(out: Path, parts: dict[str, str]) -> Path | None:
+    """Move OUT aside if it holds SR work made under another fingerprint; returns where to.
+
+    Args:
+        out: The output folder.
+        parts: What the new set is made from (see :func:`made_from`).
+
+    Returns:
+        The folder OUT was renamed to, or None if OUT holds nothing of another fingerprint.
+    """
+    if not out.is_dir():
+        return None
+    fp = fingerprint(parts)[:32]
+    found, old_parts = _fingerprints_in(out)
+    others = sorted(found - {fp})
+    if not others:
+        return None
+    tag = others[0][:12] or "unrecorded"
+    target = out.with_name(f"{out.name}.replaced-{tag}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = out.with_name(f"{out.name}.replaced-{tag}-{n}")
+    out.rename(target)
+    changed = [k for k in parts if old_parts.get(k) != parts[k]] if old_parts else []
+    what = f" ({', '.join(changed)} changed)" if changed else ""
+    print(f"enhance: {out} held SR shards made otherwise{what}; moved aside to {target}")
+    return target
 
 
 def _batches(url: str, size: int) -> Iterator[list[RawSample]]:
@@ -82,7 +170,14 @@ def _batches(url: str, size: int) -> Iterator[list[RawSample]]:
 
 
 def _enhance_shard(
-    src: str, out: Path, info: ShardInfo, model: SRModel, spec: EnhanceSpec, device: torch.device
+    src: str,
+    out: Path,
+    info: ShardInfo,
+    model: SRModel,
+    spec: EnhanceSpec,
+    *,
+    device: torch.device,
+    fp: str,
 ) -> list[ManifestRow]:
     """Write the SR copy of one shard into ``out``, then its ``.done`` record; returns its rows.
 
@@ -96,12 +191,12 @@ def _enhance_shard(
             for batch in _batches(join_url(src, info.name), spec.batch_size):
                 for key, u16, label, meta in _enhance_batch(batch, model, spec, device):
                     sink.write(encode_sample(key, u16, label, meta))
-                    rows.append(_row(key, label, meta, info))
+                    rows.append(_row(key, label, meta, info, u16))
         if len(rows) != info.count:
             raise ValueError(
                 f"{src}/{info.name}: read {len(rows)} samples, index says {info.count}"
             )
-    payload = {"count": len(rows), "sha256": file_sha256(out / info.name)}
+    payload = {"count": len(rows), "sha256": file_sha256(out / info.name), "fingerprint": fp}
     payload["rows"] = [asdict(r) for r in rows]
     write_json(_done_path(out, info.name), payload, indent=None)
     return rows
@@ -126,8 +221,10 @@ def _enhance_batch(
         yield key, to_uint16(image[0].numpy()), int(parts["cls"]), meta
 
 
-def _row(key: str, label: int, meta: dict[str, Any], info: ShardInfo) -> ManifestRow:
-    """The SR set's manifest row of one sample, from the sample's metadata."""
+def _row(
+    key: str, label: int, meta: dict[str, Any], info: ShardInfo, u16: np.ndarray
+) -> ManifestRow:
+    """The SR set's manifest row of one sample, from the sample's metadata and SR pixels."""
     group = str(meta.get("group", ""))
     return ManifestRow(
         key=key,
@@ -142,7 +239,13 @@ def _row(key: str, label: int, meta: dict[str, Any], info: ShardInfo) -> Manifes
         group=group,
         # Shards written before the kind was stored carry only the group.
         group_kind=str(meta.get("group_kind") or legacy_group_kind(group)),
+        sha256=hashlib.sha256(np.ascontiguousarray(u16).tobytes()).hexdigest(),
     )
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1 and dist.is_initialized():
+        dist.barrier()
 
 
 def enhance(
@@ -157,6 +260,10 @@ def enhance(
 ) -> DatasetIndex | None:
     """Write the SR-enhanced, key-aligned copy of shard set ``src`` into ``out`` (collective).
 
+    Finished shards made under the same fingerprint (see the module docstring) are kept; an
+    OUT holding anything made under another one is first moved aside to
+    ``OUT.replaced-<fingerprint>`` (by rank 0, before any rank writes).
+
     Args:
         src: Input shard set (path or URL).
         out: Output folder.
@@ -168,24 +275,40 @@ def enhance(
 
     Returns:
         The written index on rank 0, None on other ranks.
+
+    Raises:
+        ValueError: If ``out`` is ``src`` itself.
     """
     index = read_index(src)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not is_url(src) and out.resolve() == Path(src).resolve():
+        raise ValueError(f"out: {out} is the input set itself; enhance writes a separate set")
+    parts = made_from(index, spec)
+    fp = fingerprint(parts)[:32]
+    if rank == 0:
+        _set_aside_other(out, parts)
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier(world_size)
     mine = index.shards[rank::world_size]
-    todo = [info for info in mine if not _is_done(out, info)]
+    todo = [info for info in mine if not _is_done(out, info, fp)]
     if rank == 0 and len(todo) < len(mine):
         print(f"enhance: {len(mine) - len(todo)} finished shards kept, {len(todo)} to do")
     total = sum(i.count for i in todo)
     bar = tqdm(total=total, desc=f"enhance[{rank}]", unit="slice", disable=rank != 0 or None)
     for info in todo:
-        _enhance_shard(str(src), out, info, model, spec, device)
+        _enhance_shard(str(src), out, info, model, spec, device=device, fp=fp)
         bar.update(info.count)
     bar.close()
-    if world_size > 1 and dist.is_initialized():
-        dist.barrier()
+    _barrier(world_size)
     if rank != 0:
         return None
+    return _write_sr_index(out, index, spec, parts)
+
+
+def _write_sr_index(
+    out: Path, index: DatasetIndex, spec: EnhanceSpec, parts: dict[str, str]
+) -> DatasetIndex:
+    """Write the finished SR set's manifest, then its index (last); returns the index."""
     rows: list[ManifestRow] = []
     for info in index.shards:
         done = json.loads(_done_path(out, info.name).read_text())
@@ -196,15 +319,25 @@ def enhance(
         )
         for i in index.shards
     ]
-    write_manifest(out / MANIFEST_NAME, rows, {"dataset_id": index.dataset_id, "kind": "sr"})
+    fp = fingerprint(parts)[:32]
+    dataset_id = content_id(rows, index.classes)
+    meta = {
+        "dataset_id": dataset_id,
+        "source_dataset_id": index.dataset_id,
+        "kind": "sr",
+        "fingerprint": fp,
+    }
+    write_manifest(out / MANIFEST_NAME, rows, meta)
     result = DatasetIndex(
-        dataset_id=f"{index.dataset_id}-sr",
+        dataset_id=dataset_id,
         classes=index.classes,
         image_size=index.image_size,
         shards=shards,
         test_keys_sha256=index.test_keys_sha256,
         kind="sr",
         source_dataset_id=index.dataset_id,
+        fingerprint=fp,
+        made_from=parts,
         counts=index.counts,
         config={"degrade": asdict(spec.degrade), "seed": spec.seed, "model": spec.model_id},
         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -73,6 +73,11 @@ class DatasetIndex:
     test_keys_sha256: str
     kind: str = "hr"  # "hr" for ingested sets, "sr" for sets written by `shards enhance`
     source_dataset_id: str = ""  # for derived sets: the dataset_id they are aligned with
+    # What made the set, hashed: the set in a folder is reused only under the same fingerprint.
+    # Ingest: its config and the bytes of its inputs; enhance: SR model, source set,
+    # degradation and seed. ``made_from`` holds the parts, so a mismatch can say what changed.
+    fingerprint: str = ""
+    made_from: dict[str, str] = field(default_factory=dict)
     counts: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     created: str = ""

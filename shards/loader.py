@@ -378,7 +378,16 @@ class ShardLoader:
             raise ValueError(f"{self.root}: no shards for split {self.split!r} (has {known})")
         layout = [(s.name, s.count) for s in self._shards]
         for other in self.aligned_roots:
-            theirs = [(s.name, s.count) for s in read_index(other).split_shards(self.split)]
+            aligned = read_index(other)
+            made_for = aligned.source_dataset_id
+            # A derived set (SR) made from another version of this data set would pair each key
+            # with the enhancement of other pixels or labels: refuse it rather than serve it.
+            if made_for and self.index.dataset_id and made_for != self.index.dataset_id:
+                raise ValueError(
+                    f"aligned shard set {other} was made from data set {made_for}, but "
+                    f"{self.root} is data set {self.index.dataset_id}; re-run enhance on it"
+                )
+            theirs = [(s.name, s.count) for s in aligned.split_shards(self.split)]
             if theirs != layout:
                 diff = next(p for p in itertools.zip_longest(layout, theirs) if p[0] != p[1])
                 raise ValueError(

@@ -19,12 +19,14 @@ import webdataset as wds
 
 from shards.format import MANIFEST_NAME, SPLITS, ShardInfo, encode_sample
 from srmri.atomic import atomic_path
+from srmri.fingerprint import fingerprint
 
 __all__ = [
     "GROUP_PATIENT",
     "GROUP_SAMPLE",
     "MANIFEST_SCHEMA",
     "ManifestRow",
+    "content_id",
     "file_sha256",
     "legacy_group_kind",
     "read_manifest_rows",
@@ -126,6 +128,24 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def content_id(rows: Sequence[ManifestRow], classes: Sequence[str]) -> str:
+    """The id of a shard set computed from what it holds, not from where it came from.
+
+    A hash over the class list and, for every stored (``ok``) sample in key order, its key,
+    split, label and the sha256 of its pixels: byte-identical inputs ingested from different
+    folders give the same id, and any changed pixel, label, split or class gives another.
+
+    Args:
+        rows: The set's manifest rows (rows that are not ``ok`` are not in any shard: skipped).
+        classes: The set's class names, in label order.
+
+    Returns:
+        32 hex characters.
+    """
+    samples = sorted((r.key, r.split, int(r.label), r.sha256) for r in rows if r.status == "ok")
+    return fingerprint({"classes": list(classes), "samples": samples})[:32]
 
 
 def write_split_shards(

@@ -207,6 +207,27 @@ def test_aligned_roots(shard_root: Path, tmp_path: Path) -> None:
         list(loader)
 
 
+def test_an_aligned_set_made_from_another_data_set_is_refused(
+    shard_root: Path, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from shards.format import read_index, write_index
+
+    own = read_index(shard_root).dataset_id
+    for made_for, refused in ((own, False), ("an-older-version", True)):
+        sr = tmp_path / f"sr-{refused}"
+        index = make_shard_set(sr, {"train": TRAIN, "val": VAL}, size=16, seed=1)
+        write_index(sr, dataclasses.replace(index, source_dataset_id=made_for))
+        if not refused:
+            create_loader(shard_root, "train", 4, mode="train", aligned_roots=[sr])
+            continue
+        with pytest.raises(
+            ValueError, match=r"made from data set an-older-version.*re-run enhance"
+        ):
+            create_loader(shard_root, "train", 4, mode="train", aligned_roots=[sr])
+
+
 @pytest.fixture
 def http_root(shard_root: Path) -> Iterator[str]:
     class Quiet(http.server.SimpleHTTPRequestHandler):

@@ -169,3 +169,11 @@ def test_enhance_cli_from_a_trained_checkpoint(shard_root, tmp_path):
     assert img.shape == (32, 32) and np.isfinite(img).all() and img.max() > 0
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert again.returncode == 0 and "finished shards kept" in again.stdout
+    # the SR model is named by its weights: no checkpoint path in the index or any sample
+    index = read_index(out)
+    assert index.made_from["model"].startswith("sr-") and index.fingerprint
+    run_dir = str(summary["run_dir"])
+    assert run_dir not in (out / "index.json").read_text()
+    shard = str(out / index.shards[0].name)
+    meta = next(iter_shard(shard, 0, frozenset({"json"})))[1]["json"].decode()
+    assert run_dir not in meta and index.made_from["model"] in meta

@@ -4,14 +4,22 @@
 checkpoints belong to the trainer. This module joins the two, so that the data plane never
 imports the trainer. ``python -m trainer.experiment enhance`` (and its older spelling,
 ``python -m shards enhance``) runs it; under torchrun every rank takes its share of the shards.
+
+The SR model is named by what it computes, not where it lies: a hash of its loaded fp32 weights
+plus the training step (:func:`weights_id`). The SR set records that id, so enhancing into the
+same OUT with other weights rebuilds the set, and a copied or moved checkpoint does not.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from shards.enhance import EnhanceSpec, enhance
 from shards.format import DatasetIndex
@@ -20,7 +28,25 @@ from srmri.distributed import init_distributed
 from srmri.exitcodes import CONFIG_ERROR
 from trainer.sr_task import load_sr_checkpoint
 
-__all__ = ["enhance_with_checkpoint", "main"]
+__all__ = ["enhance_with_checkpoint", "main", "weights_id"]
+
+
+def weights_id(model: nn.Module, step: int) -> str:
+    """An id of a model's weights: a hash of its fp32 state dict and the step that made it.
+
+    Args:
+        model: The loaded model (any device).
+        step: The training step of its checkpoint.
+
+    Returns:
+        ``sr-<16 hex> (step N)``; free of any path.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}\t{tuple(value.shape)}\n".encode())
+        h.update(value.numpy().tobytes())
+    return f"sr-{h.hexdigest()[:16]} (step {step})"
 
 
 def enhance_with_checkpoint(
@@ -36,10 +62,15 @@ def enhance_with_checkpoint(
         device: ``auto``, ``cpu`` or ``cuda``.
 
     Returns:
-        The written index (None on ranks other than 0) and the id of the SR model used.
+        The written index (None on ranks other than 0) and the id of the SR model used
+        (:func:`weights_id`).
     """
+    from trainer.checkpoint import resolve_checkpoint
+
     info = init_distributed(device)
-    model, cfg, model_id = load_sr_checkpoint(checkpoint, info.device)
+    ckpt = resolve_checkpoint(checkpoint)  # once: the step and the weights are of one checkpoint
+    model, cfg, _ = load_sr_checkpoint(ckpt.path, info.device)
+    model_id = weights_id(model, ckpt.step)
     spec = EnhanceSpec(cfg.sr_degradation(), cfg.train.seed, model_id, batch_size)
     index = enhance(
         src, out, model, spec, device=info.device, rank=info.rank, world_size=info.world_size
