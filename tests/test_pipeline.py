@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,11 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from shards.format import read_index
-from trainer.experiment.pipeline import load_pipeline_config
-from trainer.experiment.report import ReportError, collect
+from trainer.checkpoint import resolve_checkpoint
+from trainer.experiment.config import PipelineConfig, StageConfig, read_stages
+from trainer.experiment.pipeline import load_pipeline_config, plan_pipeline
+from trainer.experiment.report import ReportError, collect, weights_sha256
+from trainer.export import load_fp32_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "pipeline-smoke.yaml"
@@ -58,9 +63,10 @@ def finished(tmp_path_factory) -> Path:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "report.html").exists()
-    stages = json.loads((out / "stages.json").read_text())
-    assert {"data", "sr", "enhance", "classify/hr-seed0"} <= stages.keys()
-    assert "classify/lr-seed0" not in stages
+    stages = read_stages(out)
+    for stage in ("data", "sr", "enhance", "classify/hr-seed0"):
+        assert stages[stage].status == "done", stage
+    assert stages["classify/lr-seed0"].status == "started"
     again = subprocess.run(_cmd(out), cwd=ROOT, env=_env(tmp), capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     for stage in ("data", "sr", "enhance", "classify/hr-seed0"):
@@ -118,6 +124,113 @@ def test_report_refuses_a_moved_test_split(finished: Path) -> None:
     moved = dataclasses.replace(index, test_keys_sha256="0" * 64)
     with pytest.raises(ReportError, match="test split"):
         collect(cfg, finished, moved)
+
+
+def test_results_name_the_data_set_run_fingerprints_and_weight_hashes(finished: Path) -> None:
+    res = json.loads((finished / "results.json").read_text())
+    assert res["dataset_id"] == read_index(finished / "data").dataset_id
+    stages = read_stages(finished)
+    assert res["data_fingerprint"] == stages["data"].fingerprint
+    runs = {r["stage"]: r for r in res["runs"]}
+    expected = {"sr"} | {
+        f"classify/{a}-seed{s}" for a in ("hr", "lr", "sr", "lr-sr") for s in (0, 1)
+    }
+    assert runs.keys() == expected
+    for stage, run in runs.items():
+        assert run["fingerprint"] == stages[stage].fingerprint
+        assert re.fullmatch(r"[0-9a-f]{64}", run["weights_sha256"]), stage
+    # The recorded hash is that of the checkpoint the test split was scored with, recomputed
+    # here from its files: the evaluation names it.
+    scored = json.loads(
+        (finished / "runs" / "hr-seed0" / "eval-test" / "metrics_test.json").read_text()
+    )
+    ckpt = resolve_checkpoint(scored["checkpoint"])
+    assert runs["classify/hr-seed0"]["checkpoint"] == ckpt.path.name
+    assert runs["classify/hr-seed0"]["weights_sha256"] == weights_sha256(load_fp32_weights(ckpt))
+    assert len({r["weights_sha256"] for r in runs.values()}) == len(runs)  # every run its own
+    html, md = (finished / "report.html").read_text(), (finished / "report.md").read_text()
+    for text in (html, md):
+        assert res["dataset_id"] in text
+        for run in runs.values():
+            assert run["fingerprint"] in text and run["weights_sha256"] in text
+
+
+def test_stage_fingerprints_follow_their_upstream_stages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)  # the smoke config names its trainer YAMLs relative to the checkout
+    cfg = load_pipeline_config(str(SMOKE), [f"out_dir={tmp_path}"])
+
+    def fps(c: PipelineConfig) -> dict[str, str]:
+        return {s.name: s.fingerprint for s in plan_pipeline(c).stages}
+
+    base = fps(cfg)
+    assert fps(load_pipeline_config(str(SMOKE), [f"out_dir={tmp_path / 'elsewhere'}"])) == base
+    sr = dataclasses.replace(cfg.sr, overrides=[*cfg.sr.overrides, "optim.lr=0.01"])
+    changed = fps(dataclasses.replace(cfg, sr=sr))
+    kept = {"data"} | {
+        f"{k}/{a}-seed{s}" for k in ("classify", "evaluate") for a in ("hr", "lr") for s in (0, 1)
+    }
+    assert {name for name in base if changed[name] == base[name]} == kept
+    model = StageConfig(cfg.classify.config, [*cfg.classify.overrides, "model.name=test_resnet"])
+    changed = fps(dataclasses.replace(cfg, classify=model))
+    assert {name for name in base if changed[name] == base[name]} == {"data", "sr", "enhance"}
+    data = dataclasses.replace(cfg.data, synth=dataclasses.replace(cfg.data.synth, seed=1))
+    changed = fps(dataclasses.replace(cfg, data=data))
+    assert all(changed[name] != base[name] for name in base)
+
+
+def _model_name(run: Path) -> str:
+    return yaml.safe_load((run / "config.yaml").read_text())["model"]["name"]
+
+
+def test_changed_sr_and_model_redo_their_stages_from_scratch(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A copy of the finished pipeline limited to one sr and one hr classifier (the run
+    # directories hard-linked: nothing there is written in place, it is moved aside whole).
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    for folder in ("data", "data-sr"):
+        shutil.copytree(finished / folder, out / folder)
+    for run in ("sr", "hr-seed0", "sr-seed0"):
+        shutil.copytree(finished / "runs" / run, out / "runs" / run, copy_function=os.link)
+    shutil.copy(finished / "stages.json", out / "stages.json")
+    old = read_stages(out)
+    old_runs = {r["stage"]: r for r in json.loads((finished / "results.json").read_text())["runs"]}
+    doc = yaml.safe_load(SMOKE.read_text())
+    doc.update(out_dir=str(out), arms=["hr", "sr"], seeds=[0])
+    doc["sr"]["overrides"].append("optim.lr=0.01")
+    doc["classify"]["overrides"].append("model.name=test_resnet")  # another architecture
+    config = tmp_path / "changed.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    cmd = [sys.executable, "-m", "launch.cli", "pipeline", "--config", str(config)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "size mismatch" not in proc.stdout + proc.stderr
+    assert "resumed from" not in proc.stdout  # nothing continued from the old weights
+    assert "[pipeline] data: done before" in proc.stdout
+    redone = {
+        "sr": "runs/sr",
+        "enhance": "data-sr",
+        "classify/hr-seed0": "runs/hr-seed0",
+        "classify/sr-seed0": "runs/sr-seed0",
+    }
+    for stage, folder in redone.items():
+        before = old[stage].fingerprint[:10]
+        assert f"[pipeline] {stage}: config changed ({before}" in proc.stdout
+        assert (out / f"{folder}.replaced-{before}").is_dir(), stage  # kept aside, not deleted
+        assert (out / folder).is_dir(), stage  # and made anew
+    hr_before = old["classify/hr-seed0"].fingerprint[:10]
+    assert _model_name(out / "runs" / f"hr-seed0.replaced-{hr_before}") == "resnet10t"
+    assert _model_name(out / "runs" / "hr-seed0") == "test_resnet"
+    now = read_stages(out)
+    for stage in plan_pipeline(load_pipeline_config(str(config), [])).stages:
+        assert now[stage.name].status == "done", stage.name
+        assert now[stage.name].fingerprint == stage.fingerprint, stage.name
+    new_runs = {r["stage"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    for stage in ("sr", "classify/hr-seed0", "classify/sr-seed0"):
+        assert new_runs[stage]["weights_sha256"] != old_runs[stage]["weights_sha256"], stage
 
 
 def _chromium() -> str:

@@ -167,3 +167,19 @@ def test_input_transform_runs_before_the_model(model, inputs) -> None:
     with torch.no_grad():
         expected = torch.softmax(model(1.0 - torch.from_numpy(image)[None, None]), 1)[0]
     np.testing.assert_allclose(probs_of(rows[0]), expected.double().numpy(), atol=1e-5)
+
+
+def test_a_class_list_in_another_order_is_refused(tmp_path: Path) -> None:
+    from helpers import make_shard_set
+
+    from trainer.predict import check_class_order, dataset_preprocess
+
+    root = tmp_path / "shards"
+    make_shard_set(root, {"train": [4], "val": [4], "test": [4]}, size=32, classes=NAMES)
+    assert dataset_preprocess(root, NAMES).size == 32
+    swapped = [NAMES[1], NAMES[0], *NAMES[2:]]
+    with pytest.raises(ValueError, match="another order") as caught:
+        dataset_preprocess(root, swapped)  # a checkpoint whose first two outputs are swapped
+    assert str(NAMES) in str(caught.value) and str(swapped) in str(caught.value)
+    with pytest.raises(ValueError, match=r"differs.*'tumour'"):
+        check_class_order(NAMES, [*NAMES[:3], "tumour"], "--classes")

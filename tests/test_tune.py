@@ -340,6 +340,10 @@ def test_optuna_tpe_search_proposes_trials_in_the_space(
 # ------------------------------------------------------------------------------ PBT mutations
 
 
+def _params(trial_dir: Path) -> dict[str, Any]:
+    return json.loads((trial_dir / "params.json").read_text())
+
+
 def test_pbt_mutations_take_effect_in_the_exploiting_trial(
     tmp_path: Path, shards: Path, local_ray: None
 ) -> None:
@@ -375,8 +379,11 @@ def test_pbt_mutations_take_effect_in_the_exploiting_trial(
     initial = set()
     trained = set()
     for trial in experiment.glob("*/result.json"):
-        first = json.loads(trial.read_text().splitlines()[0])
-        initial.add(round(first["config"]["optim.lr"], 12))
+        # A trial restored from a finished donor reports nothing more, and Ray truncates its
+        # result.json on restore: its starting config is then in Ray's params.json.
+        lines = trial.read_text().splitlines()
+        first = json.loads(lines[0])["config"] if lines else _params(trial.parent)
+        initial.add(round(first["optim.lr"], 12))
         history = pd.read_csv(trial.parent / "run" / "metrics.csv")
         trained |= {round(v, 12) for v in history["lr"]}  # constant schedule: LR = config's
     # Every epoch trained with a configured LR, and the mutated ones were really used (resuming
@@ -441,6 +448,50 @@ def test_killed_driver_resumes_without_redoing_finished_trials(
     for trial_id in finished:  # kept as they were: no epoch trained or reported again
         assert _lines(experiment / trial_id / "result.json") == 3
         assert len(pd.read_csv(experiment / trial_id / "run" / "metrics.csv")) == 3
+
+
+# ------------------------------------------- `tune resume` after the folder's files were edited
+
+
+def test_resume_refuses_an_edited_search_space_or_base(
+    tmp_path: Path, shards: Path, local_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tune.cli import main
+    from tune.config import load_search_config
+    from tune.experiment import check_inputs, load_experiment
+    from tune.search import resume_search, run_search
+
+    path = _write_search(
+        tmp_path,
+        str(shards),
+        {"optim.lr": {"choice": [0.003]}},
+        trainer={"train.epochs": 1},
+        num_samples=1,
+        scheduler={"name": "fifo"},
+    )
+    experiment = run_search(load_search_config(path))
+    search_file, base_file = experiment / "search.yaml", experiment / "base.yaml"
+    search_text, base_text = search_file.read_text(), base_file.read_text()
+    # An edited space: Ray would keep sampling the recorded one.
+    doc = yaml.safe_load(search_text)
+    doc["space"]["optim.lr"]["choice"] = [0.01]
+    search_file.write_text(yaml.safe_dump(doc))
+    with pytest.raises(
+        ConfigError, match=r"search\.yaml.*\n.*space\.optim\.lr\.choice: \[0\.003\] -> \[0\.01\]"
+    ):
+        resume_search(experiment)
+    assert main(["resume", str(experiment)]) == 2
+    assert "space.optim.lr.choice" in capsys.readouterr().err
+    # An edited base: the unfinished trials would train under it, the finished ones did not.
+    search_file.write_text(search_text)
+    doc = yaml.safe_load(base_text)
+    doc["optim"]["weight_decay"] = 0.1
+    base_file.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"base\.yaml.*\n.*optim\.weight_decay: 0\.0 -> 0\.1"):
+        resume_search(experiment)
+    # The folder as it was recorded passes (test_killed_driver_... resumes such a folder).
+    base_file.write_text(base_text)
+    check_inputs(load_experiment(experiment))
 
 
 # ------------------------------------------------------------------ 2-worker DDP via TorchTrainer

@@ -5,6 +5,11 @@ through ``shards.preprocess.preprocess`` with the run's preprocessing config, so
 exactly what it saw in training. Inputs that cannot be read become rows with an ``error``
 column instead of stopping the run. Patient identifiers read from DICOM headers are dropped on
 the spot: no row carries one.
+
+The class names label the model's outputs in order, so they must be the checkpoint's, in the
+checkpoint's order: :func:`check_class_order` refuses any other list (the same names in another
+order would silently swap the labels), and :func:`dataset_preprocess` applies it to the class
+list of the data set whose preprocessing a prediction reuses.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from shards.format import read_index
 from shards.preprocess import PreprocessConfig, preprocess
 from shards.sources import (
     IMAGE_SUFFIXES,
@@ -31,12 +37,61 @@ from shards.sources import (
     select_slices,
 )
 from srmri.atomic import atomic_path
+from srmri.config import config_from_dict
 
-__all__ = ["find_inputs", "predict_paths", "write_predictions_csv"]
+__all__ = [
+    "check_class_order",
+    "dataset_preprocess",
+    "find_inputs",
+    "predict_paths",
+    "write_predictions_csv",
+]
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Errors a reader or preprocessing raises for a bad input (not for a bug in this code).
 _INPUT_ERRORS = (QuarantineError, OSError, ValueError)
+
+
+def check_class_order(model_classes: Sequence[str], given: Sequence[str], source: str) -> None:
+    """Refuse a class list that is not the model's, in the model's order.
+
+    Args:
+        model_classes: The checkpoint's classes, in its output order.
+        given: The class list given to (or read by) predict.
+        source: Where ``given`` came from, for the message (e.g. ``the data set at PATH``).
+
+    Raises:
+        ValueError: Naming both lists when they differ (other names, or the same in another
+            order).
+    """
+    if list(given) == list(model_classes):
+        return
+    how = "lists them in another order" if sorted(given) == sorted(model_classes) else "differs"
+    raise ValueError(
+        f"{source} {how}: its classes are {list(given)}, but the checkpoint's outputs are "
+        f"{list(model_classes)}; predictions would be labelled with the wrong names"
+    )
+
+
+def dataset_preprocess(data_root: str | Path, model_classes: Sequence[str]) -> PreprocessConfig:
+    """The preprocessing of a run's shard set, after checking its classes against the model's.
+
+    Args:
+        data_root: The shard set the model was trained on (its ``index.json``).
+        model_classes: The checkpoint's classes, in its output order.
+
+    Returns:
+        The ingest preprocessing config recorded in the index (else one of its image size).
+
+    Raises:
+        FileNotFoundError: If the shard set has no index.
+        ValueError: If the data set's class list is not the checkpoint's (see
+            :func:`check_class_order`).
+    """
+    index = read_index(data_root)
+    check_class_order(model_classes, index.classes, f"the data set at {data_root}")
+    prep = index.config.get("preprocess") if isinstance(index.config, dict) else None
+    return config_from_dict(PreprocessConfig, prep or {"size": index.image_size})
 
 
 @dataclass(frozen=True)
@@ -195,7 +250,8 @@ def predict_paths(
             it is put in eval mode for the call and its mode restored afterwards.
         paths: Image files, NIfTI files, DICOM series folders or folders holding any of them
             (searched recursively, see :func:`find_inputs`).
-        class_names: Class names in the model's output order.
+        class_names: Class names in the model's output order (the checkpoint's classes; see
+            :func:`check_class_order`).
         preprocess_cfg: The preprocessing config of the shards the model was trained on.
         device: Where the model runs.
         batch_size: Slices per forward pass.

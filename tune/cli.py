@@ -4,7 +4,9 @@
   space against the trainer config, then run the search; keys of the search file
   (``num_samples=8``) and trainer keys (``data.root=PATH``) may both be overridden.
 - ``resume EXPERIMENT_DIR``: continue an interrupted search (finished trials kept, unfinished
-  ones resumed from their checkpoints, errored ones retried).
+  ones resumed from their checkpoints, errored ones retried), exactly as it was started: the
+  folder's ``search.yaml`` and ``base.yaml`` define it, and an edit made to them since the start
+  is refused, naming the keys (start a new search to change the space or the base).
 - ``report EXPERIMENT_DIR``: results table, ``results.parquet``, ``best.yaml`` and PNGs of any
   search, finished or not (Ray need not be running).
 """

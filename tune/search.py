@@ -5,8 +5,11 @@ must be paths (or URLs) every node reaches: trial folders, checkpoints and train
 written there by whichever node runs the trial.
 
 An experiment folder holds, besides Ray Tune's own state, ``search.yaml`` (the resolved search
-config) and ``base.yaml`` (the resolved base trainer config it points to). ``tune resume`` rebuilds
-the trainable from those two files alone, so a search can be resumed from any working directory.
+config), ``base.yaml`` (the resolved base trainer config it points to) and ``inputs.json`` (their
+fingerprints and contents at the start). ``tune resume`` rebuilds the trainable from those two
+files alone, so a search can be resumed from any working directory, and refuses, naming the
+keys, when they were edited after the search started (Ray would keep the recorded space while
+the trials took the edited base).
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ from tune.config import (
     ExperimentSection,
     SearchConfig,
 )
-from tune.experiment import BASE_FILE, SEARCH_FILE, Prepared, load_experiment, prepare
+from tune.experiment import (
+    BASE_FILE,
+    SEARCH_FILE,
+    Prepared,
+    check_inputs,
+    load_experiment,
+    prepare,
+    record_inputs,
+)
 from tune.results import write_outputs
 from tune.space import mutations, param_space
 from tune.trainable import TrialSetup, run_trial, trial_dirname
@@ -147,7 +158,7 @@ def _run_config(prep: Prepared) -> tune.RunConfig:
 
 
 def _save_inputs(prep: Prepared) -> None:
-    """Write ``base.yaml`` and ``search.yaml`` so the experiment resumes on its own."""
+    """Write ``base.yaml``, ``search.yaml`` and their record so the experiment resumes alone."""
     d = prep.experiment_dir
     d.mkdir(parents=True, exist_ok=True)
     save_config(prep.base, d / BASE_FILE)
@@ -160,6 +171,7 @@ def _save_inputs(prep: Prepared) -> None:
         mode=prep.mode,
     )
     save_config(search, d / SEARCH_FILE)
+    record_inputs(d)
 
 
 def run_search(search: SearchConfig, address: str | None = None, dashboard: bool = False) -> Path:
@@ -236,8 +248,13 @@ def resume_search(experiment_dir: str | Path, address: str | None = None) -> Pat
 
     Returns:
         The experiment folder.
+
+    Raises:
+        ConfigError: If the folder is no experiment, has no Ray Tune state, or its
+            ``search.yaml``/``base.yaml`` were edited after the search started (naming the keys).
     """
     prep = load_experiment(experiment_dir)
+    check_inputs(prep)
     if not tune.Tuner.can_restore(str(prep.experiment_dir)):
         raise ConfigError(f"{prep.experiment_dir}: no Ray Tune state to resume from")
     connect(address)

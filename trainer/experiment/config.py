@@ -8,8 +8,10 @@ of those two imports the other.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from shards.ingest_config import IngestConfig
 from srmri.config import load_config, require
@@ -17,14 +19,20 @@ from trainer.config import TrainConfig, load_train_config
 from trainer.input_kind import InputKind, needs_sr, path_safe
 
 __all__ = [
+    "DATA_IGNORE",
+    "STAGES_FILE",
+    "TRAIN_IGNORE",
     "Arm",
     "PipelineConfig",
     "ReportConfig",
     "StageConfig",
+    "StageRecord",
+    "StageStatus",
     "arm_run_dir",
     "arm_run_name",
     "data_dir",
     "load_pipeline_config",
+    "read_stages",
     "runs_dir",
     "sr_data_dir",
     "sr_run_dir",
@@ -34,6 +42,55 @@ __all__ = [
 # An arm is the input kind its classifiers see.
 Arm = InputKind
 SR_RUN_NAME = "sr"
+STAGES_FILE = "stages.json"
+
+# Keys of a stage's config that cannot change what it produces, left out of its fingerprint:
+# where it writes (the pipeline fixes those paths; what is in them is fingerprinted as the
+# upstream stages) and how much it logs or how it is scheduled.
+TRAIN_IGNORE = ("out_dir", "name", "data.root", "data.sr_root", "train.log_every", "train.resume")
+DATA_IGNORE = ("out", "workers", "ray_address", "overwrite")
+
+StageStatus = Literal["started", "done"]
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One stage's entry in ``OUT/stages.json``.
+
+    Attributes:
+        fingerprint: The stage's fingerprint: its own config and its upstream stages'.
+        status: ``started`` (it ran, or is running, under that fingerprint) or ``done``.
+        upstream: Upstream stage name -> the fingerprint it had (informative; already folded
+            into ``fingerprint``).
+    """
+
+    fingerprint: str
+    status: StageStatus = "done"
+    upstream: dict[str, str] = field(default_factory=dict)
+
+
+def read_stages(out: Path) -> dict[str, StageRecord]:
+    """The stage records of the pipeline writing to ``out`` (empty when it never ran).
+
+    Args:
+        out: The pipeline's ``out_dir``.
+
+    Returns:
+        Stage name -> its record. An entry of the first format (a bare config hash) reads as a
+        finished stage under that hash.
+    """
+    path = Path(out) / STAGES_FILE
+    if not path.is_file():
+        return {}
+    records: dict[str, StageRecord] = {}
+    for name, entry in json.loads(path.read_text()).items():
+        if isinstance(entry, str):
+            records[name] = StageRecord(entry)
+        else:
+            records[name] = StageRecord(
+                str(entry["fingerprint"]), entry.get("status", "done"), entry.get("upstream", {})
+            )
+    return records
 
 
 @dataclass

@@ -1,11 +1,18 @@
 """``srmri pipeline``: the paper's experiment end to end, one stage after another.
 
 data (synth or ingest) -> SR training -> enhance -> classifier per input arm and seed ->
-test evaluation -> report. Each stage records the hash of the config that defines it in
-``OUT/stages.json``; a re-run skips stages whose hash matches and resumes the others (training
-resumes from its run directory's last checkpoint, ingest and enhance from their own journals).
-Under torchrun every stage runs distributed: training and enhance on all ranks, ingest and the
-report on rank 0 while the others wait.
+test evaluation -> report. Each stage has a fingerprint: its own config (without the keys that
+cannot change its output, see ``TRAIN_IGNORE``/``DATA_IGNORE``) and the fingerprints of the
+stages it reads from (SR and enhance read the data stage; a classifier and its evaluation read
+the data stage and, for the sr and lr+sr arms, the SR and enhance stages). ``OUT/stages.json``
+records each stage's fingerprint and whether it finished. A re-run skips a stage finished under
+the same fingerprint, resumes one started under it (training from its run directory's last
+checkpoint, ingest and enhance from their own journals), and redoes from scratch one whose
+fingerprint changed: its old output folder is first moved aside to
+``NAME.replaced-<old fingerprint[:10]>`` beside it (nothing is deleted), so no stage ever
+continues from weights or data made under another config. Under torchrun every stage runs
+distributed: training and enhance on all ranks, ingest and the report on rank 0 while the
+others wait.
 """
 
 from __future__ import annotations
@@ -21,44 +28,99 @@ import torch.distributed as dist
 from shards.format import read_index
 from shards.ingest import ingest
 from srmri.atomic import write_json
-from srmri.config import config_hash, dump_config, save_config
+from srmri.config import dump_config, save_config
 from srmri.distributed import init_distributed, print0
+from srmri.fingerprint import config_fingerprint, fingerprint
 from trainer.config import TrainConfig, run_dir_of
 from trainer.experiment.config import (
+    DATA_IGNORE,
     SR_RUN_NAME,
+    STAGES_FILE,
+    TRAIN_IGNORE,
     PipelineConfig,
     StageConfig,
+    StageRecord,
+    StageStatus,
     arm_run_name,
     data_dir,
     load_pipeline_config,
+    read_stages,
     runs_dir,
     sr_data_dir,
     trainer_config,
 )
 from trainer.experiment.enhance import enhance_with_checkpoint
 from trainer.experiment.report import build_report
+from trainer.input_kind import needs_sr
 from trainer.rundir import eval_dir_of
 
-__all__ = ["PipelineConfig", "StageConfig", "main", "run_pipeline"]
+__all__ = [
+    "PipelineConfig",
+    "Plan",
+    "Stage",
+    "StageConfig",
+    "main",
+    "plan_pipeline",
+    "run_pipeline",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline.
+
+    Attributes:
+        name: Its key in ``stages.json`` (``data``, ``sr``, ``enhance``, ``classify/RUN``, ...).
+        fingerprint: Its own config's fingerprint combined with ``upstream``.
+        output: The folder it writes; moved aside when the fingerprint changed.
+        work: Runs it.
+        upstream: Upstream stage name -> fingerprint.
+        main_only: Whether only rank 0 runs ``work`` (the others wait).
+    """
+
+    name: str
+    fingerprint: str
+    output: Path
+    work: Callable[[], Any]
+    upstream: dict[str, str] = dataclasses.field(default_factory=dict)
+    main_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Every stage of a pipeline, in the order they run.
+
+    Attributes:
+        stages: The stages.
+        sr_cfg: The SR stage's trainer config when an SR arm uses it (for the report), else None.
+    """
+
+    stages: list[Stage]
+    sr_cfg: TrainConfig | None
+
+
+def _stage_fingerprint(own: str, upstream: dict[str, str]) -> str:
+    return fingerprint({"config": own, "upstream": upstream})
 
 
 class Stages:
-    """``OUT/stages.json``: which stages finished, under which config hash."""
+    """``OUT/stages.json``: per stage, the fingerprint it ran under and whether it finished."""
 
     def __init__(self, out: Path, is_main: bool) -> None:
-        self.path = out / "stages.json"
+        self.path = out / STAGES_FILE
         self.is_main = is_main
-        self.done: dict[str, str] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.records = read_stages(out)
 
-    def finished(self, name: str, digest: str) -> bool:
-        """Whether stage ``name`` finished under the config hash ``digest``."""
-        return self.done.get(name) == digest
+    def get(self, name: str) -> StageRecord | None:
+        """The record of stage ``name``, or None when it never started."""
+        return self.records.get(name)
 
-    def mark(self, name: str, digest: str) -> None:
-        """Record stage ``name`` as finished under ``digest`` (rank 0 writes the file)."""
-        self.done[name] = digest
+    def mark(self, stage: Stage, status: StageStatus) -> None:
+        """Record ``stage`` as started or done under its fingerprint (rank 0 writes the file)."""
+        self.records[stage.name] = StageRecord(stage.fingerprint, status, dict(stage.upstream))
         if self.is_main:
-            write_json(self.path, self.done, indent=1)
+            data = {name: dataclasses.asdict(r) for name, r in self.records.items()}
+            write_json(self.path, data, indent=1)
 
 
 def _barrier() -> None:
@@ -66,17 +128,79 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _stage(
-    stages: Stages, name: str, digest: str, work: Callable[[], Any], main_only: bool = False
-) -> None:
-    if stages.finished(name, digest):
-        print0(f"[pipeline] {name}: done before (config {digest[:10]}), skipped")
-        return
-    print0(f"[pipeline] {name}: running")
-    if not main_only or stages.is_main:
-        work()
+def _move_aside(path: Path, old: str) -> Path | None:
+    """Rename ``path`` to ``NAME.replaced-<old[:10]>`` (numbered if taken); None if absent."""
+    if not path.exists():
+        return None
+    target = path.with_name(f"{path.name}.replaced-{old[:10]}")
+    n = 2
+    while target.exists():
+        target = path.with_name(f"{path.name}.replaced-{old[:10]}-{n}")
+        n += 1
+    path.rename(target)
+    return target
+
+
+def _run_stage(stages: Stages, stage: Stage) -> None:
+    """Skip, resume or (after moving a stale output aside) run one stage."""
+    before = stages.get(stage.name)
+    if before is not None and before.fingerprint == stage.fingerprint:
+        if before.status == "done":
+            print0(f"[pipeline] {stage.name}: done before ({stage.fingerprint[:10]}), skipped")
+            return
+    elif before is not None:
+        # Another config made what is there: continuing from it would keep stale weights.
+        moved = _move_aside(stage.output, before.fingerprint) if stages.is_main else None
+        _barrier()
+        where = f"; moved {stage.output} to {moved.name}" if moved is not None else ""
+        print0(
+            f"[pipeline] {stage.name}: config changed ({before.fingerprint[:10]} -> "
+            f"{stage.fingerprint[:10]}), redone from scratch{where}"
+        )
+    print0(f"[pipeline] {stage.name}: running")
+    stages.mark(stage, "started")
+    if not stage.main_only or stages.is_main:
+        stage.work()
     _barrier()
-    stages.mark(name, digest)
+    stages.mark(stage, "done")
+
+
+def plan_pipeline(cfg: PipelineConfig) -> Plan:
+    """Every stage of the pipeline with its fingerprint and output folder, without running any.
+
+    Args:
+        cfg: The pipeline config.
+
+    Returns:
+        The plan.
+    """
+    out = Path(cfg.out_dir)
+    data_cfg = dataclasses.replace(cfg.data, out=str(data_dir(out)))
+    data = Stage(
+        "data",
+        _stage_fingerprint(config_fingerprint(data_cfg, DATA_IGNORE), {}),
+        data_dir(out),
+        lambda: ingest(data_cfg),
+        main_only=True,
+    )
+    stages = [data]
+    upstream = {"data": data.fingerprint}
+    sr_upstream = dict(upstream)
+    sr_cfg = _sr_config(cfg, out)
+    sr_used = sr_cfg if sr_cfg is not None and cfg.sr_arms() else None
+    if sr_used is not None:
+        sr_stages = _sr_stages(cfg, sr_used, out, upstream)
+        stages += sr_stages
+        sr_upstream.update({s.name: s.fingerprint for s in sr_stages})
+    # The lr arm always sees the SR stage's degradation, whether or not the SR arms run: an
+    # hr/lr-only run (calibrating a benchmark) trains exactly the classifiers that the full
+    # run trains, under the same fingerprints.
+    degrade = [] if sr_cfg is None else _degrade_overrides(sr_cfg)
+    for arm in cfg.arms:
+        for seed in cfg.seeds:
+            run_cfg = _arm_config(cfg, out, arm, seed, degrade)
+            stages += _classifier_stages(run_cfg, sr_upstream if needs_sr(arm) else upstream)
+    return Plan(stages, sr_used)
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
@@ -95,24 +219,13 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if info.is_main:
         save_config(cfg, out / "pipeline.yaml")
     stages = Stages(out, info.is_main)
-    data_cfg = dataclasses.replace(cfg.data, out=str(data_dir(out)))
-    _stage(stages, "data", config_hash(data_cfg), lambda: ingest(data_cfg), main_only=True)
-
-    sr_cfg = _sr_config(cfg, out)
-    sr_used = sr_cfg if sr_cfg is not None and cfg.sr_arms() else None
-    if sr_used is not None:
-        _sr_stages(stages, cfg, sr_used, out)
-    # The lr arm always sees the SR stage's degradation, whether or not the SR arms run: an
-    # hr/lr-only run (calibrating a benchmark) trains exactly the classifiers that the full
-    # run trains, under the same config hashes.
-    degrade = [] if sr_cfg is None else _degrade_overrides(sr_cfg)
-    for arm in cfg.arms:
-        for seed in cfg.seeds:
-            _classifier_stages(stages, _arm_config(cfg, out, arm, seed, degrade))
+    plan = plan_pipeline(cfg)
+    for stage in plan.stages:
+        _run_stage(stages, stage)
 
     report_path = out / "report.html"
     if info.is_main:
-        build_report(cfg, out, read_index(data_dir(out)), sr_used)
+        build_report(cfg, out, read_index(data_dir(out)), plan.sr_cfg)
         print0(f"\n[pipeline] report: {report_path.resolve()}")
     _barrier()
     return report_path
@@ -126,19 +239,24 @@ def _sr_config(cfg: PipelineConfig, out: Path) -> TrainConfig | None:
     return trainer_config(cfg.sr, [*overrides, f"name={SR_RUN_NAME}"])
 
 
-def _sr_stages(stages: Stages, cfg: PipelineConfig, sr_cfg: TrainConfig, out: Path) -> None:
+def _sr_stages(
+    cfg: PipelineConfig, sr_cfg: TrainConfig, out: Path, upstream: dict[str, str]
+) -> list[Stage]:
     """Train the SR network, then enhance the data set with it."""
     from trainer.loop import fit  # the loop pulls in every backend: import it when one trains
 
     sr_run = run_dir_of(sr_cfg)
-    digest = config_hash(sr_cfg)
-    _stage(stages, "sr", digest, lambda: fit(sr_cfg))
-    _stage(
-        stages,
+    own = config_fingerprint(sr_cfg, TRAIN_IGNORE)
+    sr = Stage("sr", _stage_fingerprint(own, upstream), sr_run, lambda: fit(sr_cfg), upstream)
+    enhance_up = {**upstream, "sr": sr.fingerprint}
+    enhance = Stage(
         "enhance",
-        digest + str(cfg.enhance_batch),
+        _stage_fingerprint(fingerprint({"enhance_batch": cfg.enhance_batch}), enhance_up),
+        sr_data_dir(out),
         lambda: enhance_with_checkpoint(sr_run, data_dir(out), sr_data_dir(out), cfg.enhance_batch),
+        enhance_up,
     )
+    return [sr, enhance]
 
 
 def _arm_config(
@@ -158,19 +276,29 @@ def _arm_config(
     return trainer_config(cfg.classify, overrides)
 
 
-def _classifier_stages(stages: Stages, run_cfg: TrainConfig) -> None:
+def _classifier_stages(run_cfg: TrainConfig, upstream: dict[str, str]) -> list[Stage]:
     """Train one classifier, then evaluate it on the test split."""
     from trainer.loop import evaluate, fit
 
-    digest = config_hash(run_cfg)
     run_dir = run_dir_of(run_cfg)
-    _stage(stages, f"classify/{run_cfg.name}", digest, lambda: fit(run_cfg))
-    _stage(
-        stages,
-        f"evaluate/{run_cfg.name}",
-        digest,
-        lambda: evaluate(run_dir, "test", eval_dir_of(run_dir, "test")),
+    own = config_fingerprint(run_cfg, TRAIN_IGNORE)
+    name = run_cfg.name
+    classify = Stage(
+        f"classify/{name}",
+        _stage_fingerprint(own, upstream),
+        run_dir,
+        lambda: fit(run_cfg),
+        upstream,
     )
+    eval_up = {**upstream, classify.name: classify.fingerprint}
+    evaluation = Stage(
+        f"evaluate/{name}",
+        _stage_fingerprint(fingerprint({"split": "test"}), eval_up),
+        eval_dir_of(run_dir, "test"),
+        lambda: evaluate(run_dir, "test", eval_dir_of(run_dir, "test")),
+        eval_up,
+    )
+    return [classify, evaluation]
 
 
 def _degrade_overrides(sr_cfg: TrainConfig) -> list[str]:

@@ -3,14 +3,23 @@
 Everything is read back from the run directories the pipeline wrote (test predictions, metrics,
 learning curves, the SR run's examples), so the report can be rebuilt without training. The
 test split's key hash must equal the one recorded at ingest, or no report is written.
+
+For checking a reproduction the report states the shard set's ``dataset_id`` and, per run (the
+SR network and every classifier), the pipeline stage's fingerprint (from ``stages.json``: its
+config and its upstream stages') and the sha256 of its weights (:func:`weights_sha256`): the
+fp32 state dict that :func:`trainer.export.load_fp32_weights` reads from the checkpoint the test
+split was scored with (the SR run's: the checkpoint enhance used, its best else newest), i.e.
+exactly the tensors ``trainer export`` writes, EMA weights where the run kept an EMA.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import html
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +36,14 @@ from shards.split import keys_hash
 from shards.writer import GROUP_SAMPLE, read_manifest_rows
 from srmri.atomic import write_text
 from trainer.config import TrainConfig
-from trainer.experiment.config import PipelineConfig, arm_run_dir, data_dir, sr_run_dir
+from trainer.experiment.config import (
+    SR_RUN_NAME,
+    PipelineConfig,
+    arm_run_dir,
+    data_dir,
+    read_stages,
+    sr_run_dir,
+)
 from trainer.experiment.stats import PairedComparison, compare_arms, mean_std
 from trainer.rundir import eval_dir_of, eval_metrics_path, predictions_path
 
@@ -36,9 +52,11 @@ __all__ = [
     "ReportError",
     "ReportProtocol",
     "Results",
+    "RunProvenance",
     "SRSummary",
     "build_report",
     "collect",
+    "weights_sha256",
 ]
 
 SUMMARY = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "ece")
@@ -103,6 +121,25 @@ class SRSummary:
 
 
 @dataclass
+class RunProvenance:
+    """What made one run's weights, for checking a reproduction.
+
+    Attributes:
+        stage: Its pipeline stage (``sr``, ``classify/hr-seed0``, ...).
+        run: Its run directory's name.
+        fingerprint: The stage's fingerprint recorded in ``stages.json`` ("" if none was).
+        checkpoint: The checkpoint the weights were read from (its folder name).
+        weights_sha256: :func:`weights_sha256` of that checkpoint's fp32 weights.
+    """
+
+    stage: str
+    run: str
+    fingerprint: str
+    checkpoint: str
+    weights_sha256: str
+
+
+@dataclass
 class Results:
     """Everything the report states; ``results.json`` is :meth:`to_json` of it.
 
@@ -115,6 +152,8 @@ class Results:
         comparisons: The paired comparisons of ``report.pairs`` that could be made.
         protocol: How the numbers were obtained.
         sr: The SR stage, or None when no SR arm ran.
+        data_fingerprint: The data stage's fingerprint ("" until :func:`build_report` sets it).
+        provenance: Per run, its fingerprint and weights hash (set by :func:`build_report`).
         confusion: Arm -> confusion matrix summed over seeds (for the figure; not serialised).
         runs: Arm -> its run directories, one per seed (for the figures; not serialised).
     """
@@ -127,6 +166,8 @@ class Results:
     comparisons: list[PairedComparison]
     protocol: ReportProtocol
     sr: SRSummary | None = None
+    data_fingerprint: str = ""
+    provenance: list[RunProvenance] = field(default_factory=list)
     confusion: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     runs: dict[str, list[Path]] = field(default_factory=dict, repr=False)
 
@@ -141,6 +182,8 @@ class Results:
             "comparisons": [asdict(c) for c in self.comparisons],
             "protocol": asdict(self.protocol),
             "sr": None if self.sr is None else asdict(self.sr),
+            "data_fingerprint": self.data_fingerprint,
+            "runs": [asdict(p) for p in self.provenance],
         }
 
 
@@ -317,6 +360,61 @@ def _sr_section(out: Path, sr_cfg: TrainConfig | None) -> SRSummary | None:
     )
 
 
+def weights_sha256(state: Mapping[str, Any]) -> str:
+    """The sha256 of a state dict's weights, as ``results.json`` records it per run.
+
+    Keys are taken in sorted order; for each, the JSON text ``[key, shape]`` then the tensor's
+    values as contiguous little-endian float32 bytes are hashed.
+
+    Args:
+        state: Name -> tensor, e.g. from :func:`trainer.export.load_fp32_weights` or the
+            ``model.safetensors`` that ``trainer export`` writes.
+
+    Returns:
+        A hex sha256.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu", torch.float32).contiguous()
+        digest.update(json.dumps([key, list(tensor.shape)]).encode())
+        digest.update(tensor.numpy().astype("<f4", copy=False).tobytes())
+    return digest.hexdigest()
+
+
+def _run_provenance(stage: str, run: Path, fingerprint: str) -> RunProvenance:
+    """Fingerprint and weights hash of one run (its scored checkpoint, else its best/newest)."""
+    from trainer.checkpoint import resolve_checkpoint
+    from trainer.export import load_fp32_weights
+
+    scored = eval_metrics_path(eval_dir_of(run, "test"), "test")
+    name = json.loads(scored.read_text()).get("checkpoint") if scored.is_file() else None
+    # The scored checkpoint by its folder name: the path recorded may be relative to another cwd.
+    ckpt = resolve_checkpoint(run / "checkpoints" / Path(name).name if name else run)
+    return RunProvenance(
+        stage=stage,
+        run=run.name,
+        fingerprint=fingerprint,
+        checkpoint=ckpt.path.name,
+        weights_sha256=weights_sha256(load_fp32_weights(ckpt)),
+    )
+
+
+def _provenance(res: Results, out: Path) -> list[RunProvenance]:
+    """Every run of the report: the SR network (when reported), then each classifier."""
+    stages = read_stages(out)
+
+    def fp(name: str) -> str:
+        record = stages.get(name)
+        return record.fingerprint if record is not None else ""
+
+    found = [_run_provenance(SR_RUN_NAME, sr_run_dir(out), fp(SR_RUN_NAME))] if res.sr else []
+    for dirs in res.runs.values():
+        found += [_run_provenance(f"classify/{d.name}", d, fp(f"classify/{d.name}")) for d in dirs]
+    return found
+
+
 def build_report(
     cfg: PipelineConfig, out: Path, index: DatasetIndex, sr_cfg: TrainConfig | None
 ) -> Path:
@@ -344,6 +442,9 @@ def build_report(
         "Confusion matrices": _confusions_png(res.confusion, res.classes, files / "confusion.png"),
     }
     res.sr = _sr_section(out, sr_cfg)
+    data_stage = read_stages(out).get("data")
+    res.data_fingerprint = data_stage.fingerprint if data_stage is not None else ""
+    res.provenance = _provenance(res, out)
     sr_png = sr_run_dir(out) / "sr_examples_val.png"
     if res.sr is not None and sr_png.is_file():
         figs["SR examples (held-out slices: LR, bicubic, zero-filled, SR, HR)"] = sr_png
@@ -396,6 +497,21 @@ def _tables(res: Results) -> tuple[Table, Table, Table]:
     return arms, comps, sr
 
 
+def _runs_table(res: Results) -> Table:
+    """One row per run: its stage fingerprint, checkpoint and weights hash (full hex)."""
+    rows = [["run", "stage fingerprint", "checkpoint", "weights sha256"]]
+    rows += [[p.run, p.fingerprint or "-", p.checkpoint, p.weights_sha256] for p in res.provenance]
+    return rows
+
+
+def _provenance_text(res: Results) -> str:
+    return (
+        f"Data set id {res.dataset_id}; data stage fingerprint {res.data_fingerprint or '-'}. "
+        "A stage fingerprint covers its config and its upstream stages'; the weights hash is "
+        "trainer.experiment.report.weights_sha256 of the checkpoint's fp32 weights."
+    )
+
+
 def _html_table(rows: Table) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
     body = "".join(
@@ -433,7 +549,12 @@ def _write_html(path: Path, res: Results, figs: dict[str, Path]) -> None:
         ]
     for title, fig in figs.items():
         parts += [f"<h2>{html.escape(title)}</h2>", _img_tag(fig)]
-    parts.append("</body></html>")
+    parts += [
+        "<h2>Runs (for checking a reproduction)</h2>",
+        f"<p>{html.escape(_provenance_text(res))}</p>",
+        f"<div style='font-family:monospace;font-size:11px'>{_html_table(_runs_table(res))}</div>",
+        "</body></html>",
+    ]
     write_text(path, "\n".join(parts))
 
 
@@ -465,4 +586,12 @@ def _write_md(path: Path, res: Results, figs: dict[str, Path], out: Path) -> Non
         parts += [f"## Super-resolution (x{res.sr.scale})", "", _md_table(sr), ""]
     for title, fig in figs.items():
         parts += [f"## {title}", "", f"![{title}]({fig.relative_to(out).as_posix()})", ""]
+    parts += [
+        "## Runs (for checking a reproduction)",
+        "",
+        _provenance_text(res),
+        "",
+        _md_table(_runs_table(res)),
+        "",
+    ]
     write_text(path, "\n".join(parts))
