@@ -138,3 +138,23 @@ def run_distributed(fn: Callable[..., None], world_size: int = 2, *args: Any) ->
         raise AssertionError(
             f"distributed run failed (exit codes {[p.exitcode for p in procs]})\n{detail}"
         )
+
+
+# Overrides of configs/debug.yaml for the smallest real run a test can compare against: a
+# timm test_resnet, 3 SGD steps at a constant LR, fp32, one process, no augmentation.
+TINY_SGD_RUN = (
+    "model.name=test_resnet",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "train.epochs=1",
+    "train.max_steps_per_epoch=3",
+    "train.device=cpu",
+    "optim.name=sgd",
+    "optim.lr=0.05",
+    "optim.weight_decay=0",
+    "sched.name=constant",
+    "sched.warmup_epochs=0",
+    "augment.enabled=false",
+    "checkpoint.keep_last=1",
+    "checkpoint.keep_best=0",
+)

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import make_shard_set, run_distributed
+from helpers import TINY_SGD_RUN, make_shard_set, run_distributed
 
 from srmri.config import ALLOW_NONFINITE, ConfigError, config_from_dict, load_config
 from trainer.config import load_train_config
@@ -40,22 +40,7 @@ from trainer.rundir import LOCK_FILE, RunDirInUse, RunLock
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug.yaml"
 
-BASE = (
-    "model.name=test_resnet",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "train.epochs=1",
-    "train.max_steps_per_epoch=3",
-    "train.device=cpu",
-    "optim.name=sgd",
-    "optim.lr=0.05",
-    "optim.weight_decay=0",
-    "sched.name=constant",
-    "sched.warmup_epochs=0",
-    "augment.enabled=false",
-    "checkpoint.keep_last=1",
-    "checkpoint.keep_best=0",
-)
+BASE = TINY_SGD_RUN
 
 
 @pytest.fixture(scope="module")

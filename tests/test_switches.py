@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import make_shard_set, run_distributed
+from helpers import TINY_SGD_RUN, make_shard_set, run_distributed
 
 from trainer.config import load_train_config
 from trainer.loop import evaluate, fit
@@ -44,25 +44,7 @@ DEBUG = ROOT / "configs" / "debug.yaml"
 
 # The reference run every comparison starts from: plain SGD with a constant LR, fp32, DDP
 # backend in one process. Each test changes only its switch.
-BASE = (
-    "model.name=test_resnet",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "train.epochs=1",
-    "train.max_steps_per_epoch=3",
-    "train.device=cpu",
-    "train.resume=never",
-    "optim.name=sgd",
-    "optim.lr=0.05",
-    "optim.momentum=0.9",
-    "optim.nesterov=true",
-    "optim.weight_decay=0",
-    "sched.name=constant",
-    "sched.warmup_epochs=0",
-    "augment.enabled=false",
-    "checkpoint.keep_last=1",
-    "checkpoint.keep_best=0",
-)
+BASE = (*TINY_SGD_RUN, "train.resume=never", "optim.momentum=0.9", "optim.nesterov=true")
 # A validation "metric" that never changes (the val sample count): it improves once, at epoch 0,
 # and never again, which makes early stopping and the plateau schedule exactly predictable.
 CONSTANT_METRIC = ("train.early_stop.metric=n", "train.early_stop.mode=max")

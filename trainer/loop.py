@@ -249,8 +249,8 @@ def build_run(cfg: TrainConfig) -> Run:
 def _maybe_resume(run: Run, point: ResumePoint | None) -> None:
     """Restore the checkpoint ``train.resume`` picked (already checked to fit this run).
 
-    ``train.resume=never`` starts over: the run directory's old checkpoints are removed, or the
-    newest of them (a higher step) would outlive the new ones and be resumed later.
+    ``train.resume=never`` starts over: the run directory's old checkpoints are moved aside, or
+    the newest of them (a higher step) would outlive the new ones and be resumed later.
     """
     if run.cfg.train.resume == "never":
         _start_over(run)
@@ -473,6 +473,9 @@ def _fit(
     cfg: TrainConfig, on_epoch_end: EpochHook | None, preempt: Preemption | None
 ) -> dict[str, Any]:
     info = init_distributed(cfg.train.device)
+    # train.threads=0 resolves to a count that is part of the run's name: resolve it before
+    # naming the directory to lock, or the lock and the run would be different directories.
+    cfg = apply_threads(cfg)
     # Held until the run ends or fails (or its process dies): a second fit on this run dir
     # fails at once instead of interleaving its checkpoints with this one's.
     with locked_run_dir(run_dir_of(cfg), info.is_main):
