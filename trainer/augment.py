@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torchvision.transforms.v2.functional as TF
-from monai.transforms import GibbsNoise, RandBiasField, RandRicianNoise
-from monai.utils import convert_to_tensor
 from torch import Tensor
 
 from srmri.config import require
@@ -197,6 +195,45 @@ def _lerp(lo: float, hi: float, t: float) -> float:
     return lo + (hi - lo) * t
 
 
+def _mri_artefacts(
+    image: Tensor, cfg: AugmentConfig, u: Tensor, seeds: Tensor
+) -> tuple[Tensor, bool]:
+    """Bias field, Gibbs ringing and Rician noise (MONAI), as drawn in ``u`` and ``seeds``.
+
+    Returns:
+        The image with what applies, and whether anything did.
+    """
+    wanted = (
+        _on(cfg.bias_field.enabled, cfg.bias_field.p, u, _U_BIAS_P),
+        _on(cfg.gibbs.enabled, cfg.gibbs.p, u, _U_GIBBS_P),
+        _on(cfg.rician.enabled, cfg.rician.p, u, _U_RICIAN_P) and cfg.rician.sigma > 0,
+    )
+    if not any(wanted):
+        return image, False
+    # Imported here: `import monai` costs ~7 s of CPU on this machine (it loads every submodule),
+    # which every trainer process would otherwise pay whether or not it uses these three.
+    from monai.transforms import GibbsNoise, RandBiasField, RandRicianNoise
+    from monai.utils import convert_to_tensor
+
+    out = image
+    if wanted[0]:
+        # A fresh MONAI transform per call, seeded from the generator: no RNG state is
+        # shared between calls or threads. prob=1: whether it applies was decided above.
+        bias = RandBiasField(
+            degree=cfg.bias_field.degree, coeff_range=cfg.bias_field.coeff_range, prob=1.0
+        )
+        bias.set_random_state(seed=int(seeds[0]))
+        out = convert_to_tensor(bias(out), track_meta=False, dtype=torch.float32)
+    if wanted[1]:
+        alpha = _lerp(*cfg.gibbs.alpha_range, float(u[_U_GIBBS]))
+        out = convert_to_tensor(GibbsNoise(alpha)(out), track_meta=False, dtype=torch.float32)
+    if wanted[2]:
+        rician = RandRicianNoise(prob=1.0, std=cfg.rician.sigma, sample_std=False)
+        rician.set_random_state(seed=int(seeds[1]))
+        out = convert_to_tensor(rician(out), track_meta=False, dtype=torch.float32)
+    return out, True
+
+
 class _Augmenter:
     """The callable :func:`create_augmentation` returns (a class so it pickles to workers)."""
 
@@ -251,24 +288,8 @@ class _Augmenter:
             )
             changed = True
 
-        if _on(cfg.bias_field.enabled, cfg.bias_field.p, u, _U_BIAS_P):
-            # A fresh MONAI transform per call, seeded from the generator: no RNG state is
-            # shared between calls or threads. prob=1: whether it applies was decided above.
-            bias = RandBiasField(
-                degree=cfg.bias_field.degree, coeff_range=cfg.bias_field.coeff_range, prob=1.0
-            )
-            bias.set_random_state(seed=int(seeds[0]))
-            out = convert_to_tensor(bias(out), track_meta=False, dtype=torch.float32)
-            changed = True
-        if _on(cfg.gibbs.enabled, cfg.gibbs.p, u, _U_GIBBS_P):
-            alpha = _lerp(*cfg.gibbs.alpha_range, float(u[_U_GIBBS]))
-            out = convert_to_tensor(GibbsNoise(alpha)(out), track_meta=False, dtype=torch.float32)
-            changed = True
-        if _on(cfg.rician.enabled, cfg.rician.p, u, _U_RICIAN_P) and cfg.rician.sigma > 0:
-            rician = RandRicianNoise(prob=1.0, std=cfg.rician.sigma, sample_std=False)
-            rician.set_random_state(seed=int(seeds[1]))
-            out = convert_to_tensor(rician(out), track_meta=False, dtype=torch.float32)
-            changed = True
+        out, mri_changed = _mri_artefacts(out, cfg, u, seeds)
+        changed = changed or mri_changed
         if _on(cfg.noise.enabled, cfg.noise.p, u, _U_NOISE_P) and cfg.noise.std > 0:
             noise = torch.randn(out.shape, generator=generator, dtype=out.dtype)
             out = out + noise * cfg.noise.std
