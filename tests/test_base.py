@@ -1,7 +1,8 @@
-"""The base layer (``srmri``): atomic files, the one torch loader, ``python -m srmri``."""
+"""The base layer (``srmri``): atomic files, the one torch loader, progress, ``python -m srmri``."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from srmri.atomic import atomic_path, write_json, write_text
+from srmri.progress import LineProgress, progress
 from srmri.torchfile import load_state_dict_file, load_torch_file
 
 
@@ -81,3 +83,30 @@ def test_fingerprints_name_the_differing_keys_and_skip_the_ignored_ones() -> Non
     c = Root(out_dir="x", workers=1)
     assert config_fingerprint(a, ignore) == config_fingerprint(c, ignore)
     assert config_fingerprint(a, ("optim", *ignore)) == config_fingerprint(b, ("optim", *ignore))
+
+
+def test_progress_in_a_file_is_one_line_per_interval_and_a_bar_on_a_terminal(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "log.txt"
+    with log.open("w") as f:
+        with progress(10, "epoch 0", file=f) as bar:  # a file: lines, not frames
+            assert isinstance(bar, LineProgress)
+            for _ in range(10):
+                bar.update()
+                bar.set_postfix(loss="0.5")
+        eager = LineProgress(3, "enhance", file=f, interval_s=0.0)  # a line per update
+        with eager:
+            for _ in range(3):
+                eager.update()
+    text = log.read_text()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert lines[0].startswith("epoch 0: 10/10 (100%)") and lines[0].endswith("loss=0.5")
+    assert [line.split()[1] for line in lines[1:]] == ["1/3", "2/3", "3/3", "3/3"]
+    master, slave = os.openpty()  # a terminal: tqdm's bar, redrawn in place
+    with os.fdopen(slave, "w") as tty, progress(4, "epoch 1", file=tty) as bar:
+        assert not isinstance(bar, LineProgress)
+        bar.update(4)
+    assert b"\r" in os.read(master, 4096)
+    os.close(master)

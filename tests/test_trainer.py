@@ -234,7 +234,7 @@ FIT_ARGS = (
 def trained(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One 3-epoch single-process run (``out_dir/one``), shared by the tests below."""
     out = tmp_path_factory.mktemp("fit") / "runs"
-    _cli(
+    proc = _cli(
         "fit",
         "--config",
         str(DEBUG),
@@ -243,6 +243,7 @@ def trained(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "name=one",
         *FIT_ARGS,
     )
+    (out.parent / "stderr.log").write_text(proc.stderr)  # a pipe, as in a log file
     return out / "one"
 
 
@@ -262,6 +263,11 @@ def test_fit_writes_the_run_directory_and_learns(trained: Path) -> None:
     assert len(losses) == 3 and losses[-1] < 0.6 * losses[0], losses
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["final"]["n"] == 13 and metrics["steps"] == 24
+    log = (run.parent.parent / "stderr.log").read_text()
+    assert "\r" not in log  # no progress-bar frames in a file: one line per interval
+    assert [line.split(" (")[0] for line in log.splitlines() if "/8 (" in line] == [
+        f"epoch {e}: 8/8" for e in range(3)
+    ]
 
 
 def test_export_reproduces_the_validation_probabilities_in_bare_timm(

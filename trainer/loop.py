@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
-from tqdm import tqdm
 
 from shards.format import read_index
+from shards.http_stream import HttpSettings
 from shards.loader import ShardLoader, create_loader
 from srmri.config import (
     ConfigError,
@@ -44,6 +44,8 @@ from srmri.distributed import (
     print0,
 )
 from srmri.exitcodes import REQUEUE
+from srmri.progress import Progress
+from srmri.progress import progress as progress_report
 from trainer.backend import Backend, create_backend
 from trainer.batch import TaskBatch
 from trainer.checkpoint import (
@@ -159,6 +161,7 @@ def _loader(cfg: TrainConfig, task: Task, split: str, train: bool, info: DistInf
         shuffle_chunk=d.shuffle_chunk,
         aligned_roots=task.aligned_roots(),
         pin_memory=info.device.type == "cuda",
+        http=HttpSettings(d.http_connect_timeout, d.http_read_timeout, d.http_retries),
     )
 
 
@@ -514,12 +517,8 @@ def _train_epoch(run: Run, preempt: Preemption | None) -> float:
     st, b = run.state, run.backend
     run.train_loader.set_epoch(st.epoch)
     b.train()
-    bar = tqdm(
-        total=run.micro_per_epoch,
-        initial=st.micro,
-        desc=f"epoch {st.epoch}",
-        disable=not run.info.is_main,
-        dynamic_ncols=True,
+    bar = progress_report(
+        run.micro_per_epoch, f"epoch {st.epoch}", initial=st.micro, disable=not run.info.is_main
     )
     progress = _EpochProgress(torch.tensor(st.epoch_loss if st.micro else 0.0, device=b.device))
     batches = _rng_neutral(itertools.islice(run.train_loader, run.micro_per_epoch - st.micro))
@@ -576,7 +575,7 @@ def _window_is_finite(run: Run, progress: _EpochProgress) -> bool:
 
 
 def _after_optimizer_step(
-    run: Run, progress: _EpochProgress, bar: tqdm, preempt: Preemption | None
+    run: Run, progress: _EpochProgress, bar: Progress, preempt: Preemption | None
 ) -> None:
     """Schedule, EMA, logs, then a mid-epoch checkpoint when due or when pre-empted."""
     st = run.state
@@ -597,7 +596,7 @@ def _after_optimizer_step(
         _exit_for_requeue(st.step)
 
 
-def _log_train(run: Run, progress: _EpochProgress, bar: tqdm) -> None:
+def _log_train(run: Run, progress: _EpochProgress, bar: Progress) -> None:
     """Training loss, LR and throughput to the progress bar and TensorBoard."""
     st = run.state
     rate = progress.samples * run.info.world_size / (time.perf_counter() - progress.start)
