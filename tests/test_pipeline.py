@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from input_trees import make_kaggle_tree
 from PIL import Image
 
 from shards.format import read_index
@@ -105,16 +106,20 @@ def test_report_has_every_section(finished: Path) -> None:
     assert html.count("data:image/png;base64,") == 4  # self-contained: every figure inline
     md = (finished / "report.md").read_text()
     assert "| lr+sr − lr |" in md
+    # plain sentences first: what was compared, what came out, how sure, what it does not show
+    assert html.index("class='summary'") < html.index("<h2>")
+    assert md.index("Test accuracy: hr ") < md.index("## Arms") and "does not show" in md
     for png in ("curves.png", "confusion.png", "gradcam.png"):
         assert (finished / "report_files" / png).stat().st_size > 3000
 
 
 def test_rerun_skips_every_stage(finished: Path, tmp_path: Path) -> None:
     again = subprocess.run(
-        _cmd(finished), cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True
+        _cmd(finished), cwd=ROOT, env=_env(finished.parent), capture_output=True, text=True
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "running" not in again.stdout.replace("[pipeline] report", "")
+    assert "[pipeline] data: done before" in again.stdout and "nothing to do" in again.stdout
     assert again.stdout.count("done before") == 3 + 2 * 4 * 2  # data, sr, enhance; fit+eval x8
 
 
@@ -162,9 +167,12 @@ def test_stage_fingerprints_follow_their_upstream_stages(
     cfg = load_pipeline_config(str(SMOKE), [f"out_dir={tmp_path}"])
 
     def fps(c: PipelineConfig) -> dict[str, str]:
-        return {s.name: s.fingerprint for s in plan_pipeline(c).stages}
+        return {s.name: s.fingerprint for s in plan_pipeline(c, "set-a").stages}
 
     base = fps(cfg)
+    # another data set (same data config, edited inputs): every stage that reads it changes
+    other = {s.name: s.fingerprint for s in plan_pipeline(cfg, "set-b").stages}
+    assert {name for name in base if other[name] == base[name]} == {"data"}
     assert fps(load_pipeline_config(str(SMOKE), [f"out_dir={tmp_path / 'elsewhere'}"])) == base
     sr = dataclasses.replace(cfg.sr, overrides=[*cfg.sr.overrides, "optim.lr=0.01"])
     changed = fps(dataclasses.replace(cfg, sr=sr))
@@ -205,7 +213,9 @@ def test_changed_sr_and_model_redo_their_stages_from_scratch(
     config = tmp_path / "changed.yaml"
     config.write_text(yaml.safe_dump(doc))
     cmd = [sys.executable, "-m", "launch.cli", "pipeline", "--config", str(config)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True)
+    # the fixture's secret: with another one the patient pseudonyms, hence the set, would differ
+    env = _env(finished.parent)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "size mismatch" not in proc.stdout + proc.stderr
     assert "resumed from" not in proc.stdout  # nothing continued from the old weights
@@ -218,19 +228,60 @@ def test_changed_sr_and_model_redo_their_stages_from_scratch(
     }
     for stage, folder in redone.items():
         before = old[stage].fingerprint[:10]
-        assert f"[pipeline] {stage}: config changed ({before}" in proc.stdout
+        assert f"[pipeline] {stage}: config or upstream changed ({before}" in proc.stdout
         assert (out / f"{folder}.replaced-{before}").is_dir(), stage  # kept aside, not deleted
         assert (out / folder).is_dir(), stage  # and made anew
     hr_before = old["classify/hr-seed0"].fingerprint[:10]
     assert _model_name(out / "runs" / f"hr-seed0.replaced-{hr_before}") == "resnet10t"
     assert _model_name(out / "runs" / "hr-seed0") == "test_resnet"
     now = read_stages(out)
-    for stage in plan_pipeline(load_pipeline_config(str(config), [])).stages:
+    plan = plan_pipeline(load_pipeline_config(str(config), []), read_index(out / "data").dataset_id)
+    for stage in plan.stages:
         assert now[stage.name].status == "done", stage.name
         assert now[stage.name].fingerprint == stage.fingerprint, stage.name
     new_runs = {r["stage"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
     for stage in ("sr", "classify/hr-seed0", "classify/sr-seed0"):
         assert new_runs[stage]["weights_sha256"] != old_runs[stage]["weights_sha256"], stage
+
+
+def test_an_edited_input_rebuilds_the_set_and_retrains_its_readers(tmp_path: Path) -> None:
+    # Same pipeline config, one scan moved to another class folder (a corrected label): the
+    # data stage must notice, and the classifier must not be served from the old set's run.
+    inp, out = tmp_path / "kaggle", tmp_path / "out"
+    make_kaggle_tree(inp, per_class=4)
+    doc = {
+        "out_dir": str(out),
+        "data": {"source": "kaggle", "input": str(inp), "preprocess": {"size": 32}, "workers": 1},
+        "sr": {"config": ""},
+        "classify": {
+            "config": str(ROOT / "configs" / "debug.yaml"),
+            "overrides": ["train.epochs=1", "train.max_steps_per_epoch=2", "data.batch_size=4"],
+        },
+        "arms": ["hr"],
+        "seeds": [0],
+        "report": {"bootstrap": 20, "gradcam_per_class": 0},
+    }
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    cmd = [sys.executable, "-m", "launch.cli", "pipeline", "--config", str(config)]
+
+    def run() -> str:
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    run()
+    before = read_stages(out)["classify/hr-seed0"].fingerprint
+    old_id = read_index(out / "data").dataset_id
+    assert "classify/hr-seed0: done before" in run()  # unchanged inputs: nothing redone
+    moved = next((inp / "Training" / "glioma").iterdir())
+    moved.rename(inp / "Training" / "notumor" / moved.name)
+    log = run()
+    assert "data: done before" in log and "rebuilding the set" in log
+    assert read_index(out / "data").dataset_id != old_id
+    assert f"classify/hr-seed0: config or upstream changed ({before[:10]}" in log
+    assert (out / "runs" / f"hr-seed0.replaced-{before[:10]}").is_dir()
+    assert read_stages(out)["classify/hr-seed0"].fingerprint != before
 
 
 def _chromium() -> str:

@@ -198,9 +198,10 @@ class SRTask:
             return
         rows = []
         for ex in self.examples:
-            # A central crop, where the anatomy is, at a size where detail is visible.
+            # The whole slice when it is small; else a central crop (where the anatomy is) of
+            # half the side and never under 64 px, so that the difference can be seen.
             h, w = ex["hr"].shape
-            c = max(16, min(h, w) // 2)
+            c = min(h, w) if min(h, w) <= 128 else max(64, min(h, w) // 2)
             y0, x0 = (h - c) // 2, (w - c) // 2
             s = self.cfg.sr.scale
             row = {k: v[y0 : y0 + c, x0 : x0 + c] for k, v in ex.items() if k in ("hr", *METHODS)}

@@ -4,7 +4,11 @@ data (synth or ingest) -> SR training -> enhance -> classifier per input arm and
 test evaluation -> report. Each stage has a fingerprint: its own config (without the keys that
 cannot change its output, see ``TRAIN_IGNORE``/``DATA_IGNORE``) and the fingerprints of the
 stages it reads from (SR and enhance read the data stage; a classifier and its evaluation read
-the data stage and, for the sr and lr+sr arms, the SR and enhance stages). ``OUT/stages.json``
+the data stage and, for the sr and lr+sr arms, the SR and enhance stages). What downstream
+stages see of the data stage is its config *and* the finished set's content ``dataset_id``: the
+data stage runs on every pipeline run (ingest fingerprints each input's bytes and is a fast
+"nothing to do" when none changed), so an edited input (a corrected ``labels.csv``, a replaced
+scan) rebuilds the set and then retrains every stage that read it. ``OUT/stages.json``
 records each stage's fingerprint and whether it finished. A re-run skips a stage finished under
 the same fingerprint, resumes one started under it (training from its run directory's last
 checkpoint, ingest and enhance from their own journals), and redoes from scratch one whose
@@ -76,6 +80,8 @@ class Stage:
         work: Runs it.
         upstream: Upstream stage name -> fingerprint.
         main_only: Whether only rank 0 runs ``work`` (the others wait).
+        always: Whether ``work`` runs even when done before under the same fingerprint (the
+            data stage: only ingest can tell whether its inputs changed since).
     """
 
     name: str
@@ -84,6 +90,7 @@ class Stage:
     work: Callable[[], Any]
     upstream: dict[str, str] = dataclasses.field(default_factory=dict)
     main_only: bool = False
+    always: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +152,12 @@ def _run_stage(stages: Stages, stage: Stage) -> None:
     """Skip, resume or (after moving a stale output aside) run one stage."""
     before = stages.get(stage.name)
     if before is not None and before.fingerprint == stage.fingerprint:
+        if before.status == "done" and stage.always:
+            print0(f"[pipeline] {stage.name}: done before ({stage.fingerprint[:10]}), checking")
+            if not stage.main_only or stages.is_main:
+                stage.work()
+            _barrier()
+            return
         if before.status == "done":
             print0(f"[pipeline] {stage.name}: done before ({stage.fingerprint[:10]}), skipped")
             return
@@ -154,7 +167,7 @@ def _run_stage(stages: Stages, stage: Stage) -> None:
         _barrier()
         where = f"; moved {stage.output} to {moved.name}" if moved is not None else ""
         print0(
-            f"[pipeline] {stage.name}: config changed ({before.fingerprint[:10]} -> "
+            f"[pipeline] {stage.name}: config or upstream changed ({before.fingerprint[:10]} -> "
             f"{stage.fingerprint[:10]}), redone from scratch{where}"
         )
     print0(f"[pipeline] {stage.name}: running")
@@ -165,26 +178,35 @@ def _run_stage(stages: Stages, stage: Stage) -> None:
     stages.mark(stage, "done")
 
 
-def plan_pipeline(cfg: PipelineConfig) -> Plan:
-    """Every stage of the pipeline with its fingerprint and output folder, without running any.
-
-    Args:
-        cfg: The pipeline config.
-
-    Returns:
-        The plan.
-    """
+def _data_stage(cfg: PipelineConfig) -> Stage:
+    """The ingest (or synth) stage; its fingerprint is its config's alone, see the docstring."""
     out = Path(cfg.out_dir)
     data_cfg = dataclasses.replace(cfg.data, out=str(data_dir(out)))
-    data = Stage(
+    return Stage(
         "data",
         _stage_fingerprint(config_fingerprint(data_cfg, DATA_IGNORE), {}),
         data_dir(out),
         lambda: ingest(data_cfg),
         main_only=True,
+        always=True,
     )
+
+
+def plan_pipeline(cfg: PipelineConfig, dataset_id: str) -> Plan:
+    """Every stage of the pipeline with its fingerprint and output folder, without running any.
+
+    Args:
+        cfg: The pipeline config.
+        dataset_id: ``dataset_id`` of the data stage's finished set: every later stage's
+            fingerprint depends on it ("" to plan before the set exists).
+
+    Returns:
+        The plan; its first stage is the data stage.
+    """
+    out = Path(cfg.out_dir)
+    data = _data_stage(cfg)
     stages = [data]
-    upstream = {"data": data.fingerprint}
+    upstream = {"data": fingerprint({"config": data.fingerprint, "dataset_id": dataset_id})}
     sr_upstream = dict(upstream)
     sr_cfg = _sr_config(cfg, out)
     sr_used = sr_cfg if sr_cfg is not None and cfg.sr_arms() else None
@@ -219,8 +241,9 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if info.is_main:
         save_config(cfg, out / "pipeline.yaml")
     stages = Stages(out, info.is_main)
-    plan = plan_pipeline(cfg)
-    for stage in plan.stages:
+    _run_stage(stages, _data_stage(cfg))
+    plan = plan_pipeline(cfg, read_index(data_dir(out)).dataset_id)
+    for stage in plan.stages[1:]:  # the data stage ran above: the plan needed its set's id
         _run_stage(stages, stage)
 
     report_path = out / "report.html"

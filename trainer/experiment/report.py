@@ -14,20 +14,12 @@ exactly the tensors ``trainer export`` writes, EMA weights where the run kept an
 
 from __future__ import annotations
 
-import base64
-import csv
 import hashlib
-import html
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -44,7 +36,16 @@ from trainer.experiment.config import (
     read_stages,
     sr_run_dir,
 )
-from trainer.experiment.stats import PairedComparison, compare_arms, mean_std
+from trainer.experiment.pages import confusions_png, curves_png, write_html, write_md
+from trainer.experiment.results import (
+    SUMMARY,
+    ArmResults,
+    ReportProtocol,
+    Results,
+    RunProvenance,
+    SRSummary,
+)
+from trainer.experiment.stats import compare_arms, mean_std
 from trainer.rundir import eval_dir_of, eval_metrics_path, predictions_path
 
 __all__ = [
@@ -59,132 +60,9 @@ __all__ = [
     "weights_sha256",
 ]
 
-SUMMARY = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "ece")
-MeanStd = tuple[float, float]
-
 
 class ReportError(RuntimeError):
     """The runs cannot be reported honestly (e.g. the test split moved)."""
-
-
-@dataclass
-class ArmResults:
-    """One arm's test results over its seeds.
-
-    Attributes:
-        seeds: The seeds its classifiers were trained with.
-        summary: Metric (one of ``SUMMARY``) -> (mean, sd) over seeds.
-        per_class: Class -> ``precision``/``recall``/``f1`` -> (mean, sd) over seeds.
-        per_seed: Per seed, in ``seeds`` order, the ``SUMMARY`` metrics.
-    """
-
-    seeds: list[int]
-    summary: dict[str, MeanStd]
-    per_class: dict[str, dict[str, MeanStd]]
-    per_seed: list[dict[str, float]]
-
-
-@dataclass
-class ReportProtocol:
-    """How the numbers were obtained, stated in the report.
-
-    Attributes:
-        seeds: Classifier seeds per arm.
-        split: Which split was scored and how it is protected.
-        ci: How the confidence intervals were computed (and what was resampled).
-        test: The significance test and its multiplicity correction.
-    """
-
-    seeds: list[int]
-    split: str
-    ci: str
-    test: str
-
-
-@dataclass
-class SRSummary:
-    """The SR stage in the report.
-
-    Attributes:
-        scale: Upsampling factor.
-        arch: SR network architecture.
-        preset: Its size preset.
-        best: The SR run's best validation metrics (``sr_psnr``, ``bicubic_ssim``, ...).
-        epochs: Epochs it trained for.
-    """
-
-    scale: int
-    arch: str
-    preset: str
-    best: dict[str, float]
-    epochs: int | None
-
-
-@dataclass
-class RunProvenance:
-    """What made one run's weights, for checking a reproduction.
-
-    Attributes:
-        stage: Its pipeline stage (``sr``, ``classify/hr-seed0``, ...).
-        run: Its run directory's name.
-        fingerprint: The stage's fingerprint recorded in ``stages.json`` ("" if none was).
-        checkpoint: The checkpoint the weights were read from (its folder name).
-        weights_sha256: :func:`weights_sha256` of that checkpoint's fp32 weights.
-    """
-
-    stage: str
-    run: str
-    fingerprint: str
-    checkpoint: str
-    weights_sha256: str
-
-
-@dataclass
-class Results:
-    """Everything the report states; ``results.json`` is :meth:`to_json` of it.
-
-    Attributes:
-        classes: Class names in label order.
-        test_samples: Test samples each classifier was scored on.
-        test_keys_sha256: Hash of the test keys (equal to the one recorded at ingest).
-        dataset_id: Id of the shard set.
-        arms: Arm -> its results, in the config's arm order.
-        comparisons: The paired comparisons of ``report.pairs`` that could be made.
-        protocol: How the numbers were obtained.
-        sr: The SR stage, or None when no SR arm ran.
-        data_fingerprint: The data stage's fingerprint ("" until :func:`build_report` sets it).
-        provenance: Per run, its fingerprint and weights hash (set by :func:`build_report`).
-        confusion: Arm -> confusion matrix summed over seeds (for the figure; not serialised).
-        runs: Arm -> its run directories, one per seed (for the figures; not serialised).
-    """
-
-    classes: list[str]
-    test_samples: int
-    test_keys_sha256: str
-    dataset_id: str
-    arms: dict[str, ArmResults]
-    comparisons: list[PairedComparison]
-    protocol: ReportProtocol
-    sr: SRSummary | None = None
-    data_fingerprint: str = ""
-    provenance: list[RunProvenance] = field(default_factory=list)
-    confusion: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-    runs: dict[str, list[Path]] = field(default_factory=dict, repr=False)
-
-    def to_json(self) -> dict[str, Any]:
-        """The serialised fields as plain data, in the order ``results.json`` lists them."""
-        return {
-            "classes": self.classes,
-            "test_samples": self.test_samples,
-            "test_keys_sha256": self.test_keys_sha256,
-            "dataset_id": self.dataset_id,
-            "arms": {arm: asdict(r) for arm, r in self.arms.items()},
-            "comparisons": [asdict(c) for c in self.comparisons],
-            "protocol": asdict(self.protocol),
-            "sr": None if self.sr is None else asdict(self.sr),
-            "data_fingerprint": self.data_fingerprint,
-            "runs": [asdict(p) for p in self.provenance],
-        }
 
 
 def _arm_runs(cfg: PipelineConfig, out: Path) -> dict[str, list[Path]]:
@@ -198,54 +76,6 @@ def _predictions(run: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     return keys, np.asarray(table["label"])[order], np.asarray(table["pred"])[order]
 
 
-def _history(run: Path) -> list[dict[str, float]]:
-    with open(run / "metrics.csv") as fh:
-        return [
-            {k: float(v) for k, v in row.items() if v not in ("", None)}
-            for row in csv.DictReader(fh)
-        ]
-
-
-def _figure(path: Path, fig: Any) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-def _curves_png(runs: dict[str, list[Path]], path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for arm, dirs in runs.items():
-        hists = [_history(d) for d in dirs]
-        n = min(len(h) for h in hists)
-        if n == 0:
-            continue
-        for ax, key in zip(axes, ("train_loss", "val_balanced_accuracy")):
-            vals = np.array([[h[i].get(key, np.nan) for i in range(n)] for h in hists])
-            ax.plot(range(n), np.nanmean(vals, axis=0), marker="o", label=arm)
-            ax.set_title(f"{key} (mean over seeds)")
-            ax.set_xlabel("epoch")
-    axes[0].legend()
-    return _figure(path, fig)
-
-
-def _confusions_png(conf: dict[str, np.ndarray], classes: list[str], path: Path) -> Path:
-    fig, axes = plt.subplots(1, len(conf), figsize=(3.6 * len(conf), 3.4), squeeze=False)
-    for ax, (arm, m) in zip(axes[0], conf.items()):
-        norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-        ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
-        for i in range(len(classes)):
-            for j in range(len(classes)):
-                color = "white" if norm[i, j] > 0.5 else "black"
-                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8, color=color)
-        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(len(classes)), classes, fontsize=7)
-        ax.set_title(f"{arm} (all seeds)", fontsize=9)
-        ax.set_xlabel("predicted", fontsize=8)
-    axes[0][0].set_ylabel("true", fontsize=8)
-    return _figure(path, fig)
-
-
 def _groups(data_root: Path, keys: list[str]) -> list[str] | None:
     """Patient group per test key, or None when no patient id exists (groups are per key)."""
     rows = {r.key: r for r in read_manifest_rows(data_root) if r.status == "ok"}
@@ -253,11 +83,6 @@ def _groups(data_root: Path, keys: list[str]) -> list[str] | None:
     if all(r is not None and r.group_kind == GROUP_SAMPLE for r in found):
         return None
     return [r.group if r is not None else "" for r in found]
-
-
-def _img_tag(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
 def _arm_results(
@@ -336,6 +161,8 @@ def collect(cfg: PipelineConfig, out: Path, index: DatasetIndex) -> Results:
     )
     return Results(
         classes=classes,
+        source=cfg.data.source,
+        train_samples=index.num_samples("train"),
         test_samples=len(keys_ref or []),
         test_keys_sha256=index.test_keys_sha256,
         dataset_id=index.dataset_id,
@@ -438,8 +265,8 @@ def build_report(
     files = out / "report_files"
     files.mkdir(exist_ok=True)
     figs = {
-        "Learning curves": _curves_png(res.runs, files / "curves.png"),
-        "Confusion matrices": _confusions_png(res.confusion, res.classes, files / "confusion.png"),
+        "Learning curves": curves_png(res.runs, files / "curves.png"),
+        "Confusion matrices": confusions_png(res.confusion, res.classes, files / "confusion.png"),
     }
     res.sr = _sr_section(out, sr_cfg)
     data_stage = read_stages(out).get("data")
@@ -455,143 +282,6 @@ def build_report(
     if cam is not None:
         figs[f"Grad-CAM, last ResNet stage ({arm} arm, seed {cfg.seeds[0]})"] = cam
     write_text(out / "results.json", json.dumps(res.to_json(), indent=1, default=float))
-    _write_html(out / "report.html", res, figs)
-    _write_md(out / "report.md", res, figs, out)
+    write_html(out / "report.html", res, figs)
+    write_md(out / "report.md", res, figs, out)
     return out / "report.html"
-
-
-def _fmt(ms: tuple[float, float], seeds: int) -> str:
-    # One seed has no spread: show the value alone rather than a made-up "± 0.000".
-    return f"{ms[0]:.3f} ± {ms[1]:.3f}" if seeds > 1 else f"{ms[0]:.3f}"
-
-
-Table = list[list[str]]
-
-
-def _tables(res: Results) -> tuple[Table, Table, Table]:
-    """The arms, comparisons and SR tables, header row first."""
-    arms = [["arm", *SUMMARY]] + [
-        [a, *(_fmt(v.summary[k], len(v.seeds)) for k in SUMMARY)] for a, v in res.arms.items()
-    ]
-    comps = [["comparison", "Δ accuracy", "95% CI", "McNemar p per seed (Holm)"]]
-    for c in res.comparisons:
-        comps.append(
-            [
-                f"{c.a} − {c.b}",
-                f"{c.diff:+.3f}",
-                f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]",
-                ", ".join(f"{p:.3g}" for p in c.pvalues_holm),
-            ]
-        )
-    sr = [["method", "PSNR (dB)", "SSIM"]]
-    if res.sr:
-        best = res.sr.best
-        for m in ("sr", "bicubic", "zero_fill"):
-            sr.append(
-                [
-                    m,
-                    f"{best.get(f'{m}_psnr', float('nan')):.2f}",
-                    f"{best.get(f'{m}_ssim', float('nan')):.4f}",
-                ]
-            )
-    return arms, comps, sr
-
-
-def _runs_table(res: Results) -> Table:
-    """One row per run: its stage fingerprint, checkpoint and weights hash (full hex)."""
-    rows = [["run", "stage fingerprint", "checkpoint", "weights sha256"]]
-    rows += [[p.run, p.fingerprint or "-", p.checkpoint, p.weights_sha256] for p in res.provenance]
-    return rows
-
-
-def _provenance_text(res: Results) -> str:
-    return (
-        f"Data set id {res.dataset_id}; data stage fingerprint {res.data_fingerprint or '-'}. "
-        "A stage fingerprint covers its config and its upstream stages'; the weights hash is "
-        "trainer.experiment.report.weights_sha256 of the checkpoint's fp32 weights."
-    )
-
-
-def _html_table(rows: Table) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-_STYLE = [
-    "<!doctype html><html><head><meta charset='utf-8'><title>srmri report</title><style>",
-    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}",
-    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}",
-    "th{background:#eef}img{max-width:100%}</style></head><body>",
-]
-
-
-def _write_html(path: Path, res: Results, figs: dict[str, Path]) -> None:
-    arms, comps, sr = _tables(res)
-    p = res.protocol
-    parts = [
-        *_STYLE,
-        "<h1>Does super-resolution help? srmri report</h1>",
-        f"<p>{res.test_samples} test samples, classes {', '.join(res.classes)}; "
-        f"seeds {p.seeds}; split: {html.escape(p.split)}.</p>",
-        "<h2>Arms (test split, mean ± sd over seeds)</h2>",
-        _html_table(arms),
-        "<h2>Paired comparisons</h2>",
-        _html_table(comps),
-        f"<p>{html.escape(p.ci)}; {html.escape(p.test)}.</p>",
-    ]
-    if res.sr:
-        parts += [
-            f"<h2>Super-resolution (x{res.sr.scale}, validation slices)</h2>",
-            _html_table(sr),
-        ]
-    for title, fig in figs.items():
-        parts += [f"<h2>{html.escape(title)}</h2>", _img_tag(fig)]
-    parts += [
-        "<h2>Runs (for checking a reproduction)</h2>",
-        f"<p>{html.escape(_provenance_text(res))}</p>",
-        f"<div style='font-family:monospace;font-size:11px'>{_html_table(_runs_table(res))}</div>",
-        "</body></html>",
-    ]
-    write_text(path, "\n".join(parts))
-
-
-def _md_table(rows: Table) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
-
-
-def _write_md(path: Path, res: Results, figs: dict[str, Path], out: Path) -> None:
-    arms, comps, sr = _tables(res)
-    p = res.protocol
-    parts = [
-        "# Does super-resolution help? srmri report",
-        "",
-        f"{res.test_samples} test samples; seeds {p.seeds}; split: {p.split}.",
-        "",
-        "## Arms (test split, mean ± sd over seeds)",
-        "",
-        _md_table(arms),
-        "",
-        "## Paired comparisons",
-        "",
-        _md_table(comps),
-        "",
-        f"{p.ci}; {p.test}.",
-        "",
-    ]
-    if res.sr:
-        parts += [f"## Super-resolution (x{res.sr.scale})", "", _md_table(sr), ""]
-    for title, fig in figs.items():
-        parts += [f"## {title}", "", f"![{title}]({fig.relative_to(out).as_posix()})", ""]
-    parts += [
-        "## Runs (for checking a reproduction)",
-        "",
-        _provenance_text(res),
-        "",
-        _md_table(_runs_table(res)),
-        "",
-    ]
-    write_text(path, "\n".join(parts))
