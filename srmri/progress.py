@@ -62,6 +62,7 @@ class LineProgress:
         self.postfix: dict[str, Any] = {}
         self._start = self._last = time.monotonic()
         self._start_n = initial
+        self._printed_n = -1
         self._closed = False
 
     def update(self, n: int = 1) -> None:
@@ -75,10 +76,11 @@ class LineProgress:
         self.postfix = dict(values)
 
     def close(self) -> None:
-        """Print the last line (once)."""
+        """Print the last line (once, and only if the count moved since the line before)."""
         if not self._closed:
             self._closed = True
-            self._print()
+            if self.n != self._printed_n:
+                self._print()
 
     def line(self) -> str:
         """The line that would be printed now."""
@@ -89,7 +91,7 @@ class LineProgress:
         return f"{self.desc}: {self.n}/{self.total}{pct} {rate:.1f} {self.unit}/s{extra}"
 
     def _print(self) -> None:
-        self._last = time.monotonic()
+        self._last, self._printed_n = time.monotonic(), self.n
         print(self.line(), file=self.file, flush=True)
 
     def __enter__(self) -> LineProgress:

@@ -103,7 +103,7 @@ def test_progress_in_a_file_is_one_line_per_interval_and_a_bar_on_a_terminal(
     assert "\r" not in text
     lines = text.splitlines()
     assert lines[0].startswith("epoch 0: 10/10 (100%)") and lines[0].endswith("loss=0.5")
-    assert [line.split()[1] for line in lines[1:]] == ["1/3", "2/3", "3/3", "3/3"]
+    assert [line.split()[1] for line in lines[1:]] == ["1/3", "2/3", "3/3"]  # no repeat
     master, slave = os.openpty()  # a terminal: tqdm's bar, redrawn in place
     with os.fdopen(slave, "w") as tty, progress(4, "epoch 1", file=tty) as bar:
         assert not isinstance(bar, LineProgress)
