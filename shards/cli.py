@@ -1,4 +1,10 @@
-"""Command line of the data plane: ``python -m shards {ingest,synth,enhance,verify,inspect}``."""
+"""The data plane's command line: ``python -m shards {ingest,synth,enhance,verify,inspect,locate}``.
+
+What is private where: nothing this command prints while it runs names a path of the input
+tree, except an error that stops the run and names the file to fix (a malformed labels table
+line). ``locate`` is the one command that prints real input paths, read from the local
+mapping file the ingest wrote beside the secret key (see :mod:`shards.locate`).
+"""
 
 from __future__ import annotations
 
@@ -56,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("root")
     ins.add_argument("--sheet", help="PNG path (default ROOT/contact_sheet.png)")
     ins.add_argument("--per-class", type=int, default=6)
+    loc = sub.add_parser(
+        "locate",
+        help="the real input file of a key (default: of every row that is not ok); local only",
+    )
+    loc.add_argument("root", help="the shard set's folder (OUT)")
+    loc.add_argument("keys", nargs="*", help="sample keys or input ids (default: rows not ok)")
+    loc.add_argument("--secret-file", help="the secret key file the ingest used, if not default")
     return parser
 
 
@@ -102,17 +115,36 @@ def _overrides(args: argparse.Namespace, synth: bool) -> tuple[list[str], list[s
 
 def _run_ingest(args: argparse.Namespace, synth: bool) -> int:
     from shards.ingest import ingest
-    from shards.ingest_config import IngestConfig
+    from shards.ingest_config import IngestConfig, shareable_config
     from shards.inspect import count_table
+    from shards.privacy import load_secret
 
     _, overrides = _overrides(args, synth)
     cfg = load_config(IngestConfig, args.config, overrides)
-    print(dump_config(cfg), flush=True)
+    # As the set records it: a job's console often ends up in a log file.
+    shared = shareable_config(cfg, load_secret(cfg.secret_file or None))
+    print(dump_config(shared), flush=True)
     result = ingest(cfg)
     print(count_table(result.out))
     n_shards, dataset = len(result.index.shards), result.index.dataset_id
     print(f"\nshard set: {result.out} ({n_shards} shards, dataset {dataset})")
     return 0
+
+
+def _run_locate(args: argparse.Namespace) -> int:
+    """Print ``status key path reason`` for the asked rows; 1 if a key is unknown."""
+    from shards.locate import locate, printable
+
+    found = locate(args.root, args.keys or None, args.secret_file)
+    for hit in found:
+        r = hit.row
+        where = printable(hit.path) if hit.path else "(not in this machine's mapping)"
+        print(f"{r.status}\t{r.key}\t{where}\t{r.reason}")
+    known = {h.row.key for h in found} | {h.row.input_id for h in found}
+    unknown = [k for k in args.keys if k not in known]
+    for key in unknown:
+        print(f"error: no row has key or input id {key!r}", file=sys.stderr)
+    return 1 if unknown else 0
 
 
 def _forward_enhance(args: list[str]) -> int:
@@ -153,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = contact_sheet(args.root, args.sheet, args.per_class)
             print(f"\ncontact sheet: {path}")
             return 0
+        if args.command == "locate":
+            return _run_locate(args)
     except (ConfigError, SourceError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,57 +5,51 @@ Work happens in ``OUT/.staging``: each input is read, checked and preprocessed i
 pixels staged, so an interrupted run resumes where it stopped. Then duplicates are clustered,
 splits assigned, shards written and moved into place, and ``index.json`` written last.
 
-A finished set records a fingerprint of what made it: the config, and the bytes of every input
-(each file; every file of a DICOM series folder; the labels table) with what the listing says
-of it (label, slices, patient). A re-run is "nothing to do" only under the same fingerprint;
-after an input was edited the same command rebuilds the set (see :func:`_prepare_out`).
+Every file or link under INPUT is accounted for (:mod:`shards.inventory`): it has a manifest
+row, as an input or a file of one, or ``skipped`` with why; the counts in and out are logged at
+the end. No usable input, or no train or test split, is an error (:mod:`shards.assemble`).
+
+Privacy: the set and the log name inputs by keyed ids only (:mod:`shards.privacy`); the
+mapping back to real paths goes to a private local file (:mod:`shards.locate`). Real paths
+reach the console only in an error that stops the run (a malformed labels table line).
+
+A finished set records a fingerprint of what made it (:mod:`shards.ingest_fingerprint`). A
+re-run is "nothing to do" only under the same fingerprint; after an input was edited the same
+command rebuilds the set (see :func:`_prepare_out`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
-from shards import dedup
-from shards.assemble import assemble
+from shards.assemble import Listing, UnusableSetError, assemble
 from shards.format import INDEX_NAME, DatasetIndex, read_index, write_index
-from shards.ingest_config import IngestConfig
-from shards.preprocess import PreprocessConfig, preprocess
-from shards.privacy import load_secret, pseudonymize
-from shards.sources import reader_for
-from shards.sources.base import QuarantineError, Slice, SourceItem, make_key
-from shards.synth import SynthConfig, load_synth_item, synth_items
-from shards.writer import (
-    GROUP_PATIENT,
-    GROUP_SAMPLE,
-    ManifestRow,
-    file_sha256,
-    read_manifest_rows,
-)
+from shards.ingest_config import IngestConfig, shareable_config
+from shards.ingest_fingerprint import SetFingerprint, item_digests, set_fingerprint
+from shards.inventory import Inventory, ids_of, take_inventory, tally
+from shards.locate import mapping_path, write_mapping
+from shards.privacy import input_id, load_secret
+from shards.process_input import Context, load, process
+from shards.sources.base import SourceItem
+from shards.writer import ManifestRow, read_manifest_rows
 from srmri.atomic import write_bytes, write_json
-from srmri.config import ConfigError, config_hash, require, save_config
-from srmri.fingerprint import fingerprint
+from srmri.config import ConfigError, require, save_config
 
 __all__ = ["IngestResult", "ingest"]
 
 STAGING = ".staging"
 STAGED_FINGERPRINT = "fingerprint.json"  # in STAGING: what the staged work is for
-# Config keys that cannot change the set's content (where it goes, how fast it is made).
-_RUNTIME_KEYS = ("out", "workers", "ray_address", "overwrite")
 
 
 @dataclass
@@ -67,88 +61,6 @@ class IngestResult:
     rows: list[ManifestRow]
     resumed_items: int = 0
     skipped: bool = False  # the set was already complete
-
-
-@dataclass(frozen=True)
-class _Context:
-    """What a worker needs to process an item (picklable, small)."""
-
-    preprocess: PreprocessConfig
-    synth: SynthConfig
-    secret: bytes
-
-
-def _list_items(cfg: IngestConfig) -> list[SourceItem]:
-    if cfg.source == "synth":
-        return synth_items(cfg.synth)
-    root = Path(cfg.input)
-    if not root.is_dir():
-        raise ConfigError(f"input: {root} is not a folder")
-    reader = reader_for(cfg.source)
-    class_map = cfg.class_map or None
-    if cfg.source in ("kaggle", "folder", "figshare"):
-        return reader.list_items(root, cfg.classes, class_map=class_map)
-    return reader.list_items(
-        root,
-        cfg.classes,
-        labels_csv=Path(cfg.labels_csv) if cfg.labels_csv else None,
-        class_map=class_map,
-        max_slices_per_volume=cfg.max_slices_per_volume,
-    )
-
-
-def _load(item: SourceItem, ctx: _Context) -> list[Slice]:
-    if item.source == "synth":
-        return load_synth_item(item, ctx.synth)
-    return reader_for(item.source).load_item(item)
-
-
-def _process(item: SourceItem, ctx: _Context) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """Read, check and preprocess one input; returns result records and staged pixels."""
-    base = {"item": item.rel_path, "split_hint": item.split_hint}
-    try:
-        slices = _load(item, ctx)
-        if not slices:
-            raise QuarantineError("no_slices: no usable slice found in the input")
-    except QuarantineError as exc:
-        key = make_key(item.source, item.rel_path)
-        label = -1 if item.label is None else item.label
-        quarantined = {**base, "key": key, "slice": None, "label": label, "status": "quarantined"}
-        return [{**quarantined, "reason": exc.reason}], []
-    except Exception as exc:  # a reader bug or exotic file must not stop the whole ingest
-        key = make_key(item.source, item.rel_path)
-        reason = f"unreadable: {type(exc).__name__}: {exc}"
-        quarantined = {**base, "key": key, "slice": None, "label": -1, "status": "quarantined"}
-        return [{**quarantined, "reason": reason}], []
-    records, pixels = [], []
-    for sl in slices:
-        key = make_key(item.source, item.rel_path, sl.index)
-        label = item.label if item.label is not None else sl.label
-        rec = {**base, "key": key, "slice": sl.index, "label": -1 if label is None else label}
-        if sl.patient:
-            rec.update(group=pseudonymize(sl.patient, ctx.secret), group_kind=GROUP_PATIENT)
-        else:  # no patient id: the slice is its own group
-            rec.update(group=f"k{key}", group_kind=GROUP_SAMPLE)
-        try:
-            if label is None:
-                raise QuarantineError("no_label: the input carries no class label")
-            img, steps = preprocess(sl.image, ctx.preprocess)
-        except QuarantineError as exc:
-            records.append({**rec, "status": "quarantined", "reason": exc.reason})
-            continue
-        u16 = np.round(img * 65535.0).astype(np.uint16)
-        raw = u16.tobytes()
-        rec.update(
-            status="ok",
-            reason="",
-            sha256=hashlib.sha256(raw).hexdigest(),
-            phash=dedup.phash(img),
-            steps=steps,
-            shape=list(u16.shape),
-        )
-        records.append(rec)
-        pixels.append(raw)
-    return records, pixels
 
 
 def _apply(fn: Callable[[SourceItem], Any], item: SourceItem) -> Any:
@@ -184,73 +96,6 @@ def _parallel_map(
         yield from pool.imap(fn, items, chunksize=4)
 
 
-@dataclass(frozen=True)
-class _Fingerprint:
-    """What a set is made from: its config and its inputs, each as a hash."""
-
-    config: str
-    inputs: str
-
-    @property
-    def parts(self) -> dict[str, str]:
-        """The parts as recorded in ``index.json``'s ``made_from``."""
-        return {"config": self.config, "inputs": self.inputs}
-
-    @property
-    def value(self) -> str:
-        """The one fingerprint of config and inputs together."""
-        return fingerprint(self.parts)[:32]
-
-
-def _bytes_digest(path: str) -> str:
-    """sha256 of an input's bytes; for a series folder, of each file the reader would read."""
-    if not path:
-        return ""  # synth: the config alone decides the sample
-    p = Path(path)
-    if p.is_file():
-        return file_sha256(p)
-    if p.is_dir():  # as read_dicom_series: visible plain files directly inside, by name
-        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
-        return fingerprint([[f.name, file_sha256(f)] for f in files])
-    return "missing"
-
-
-def _item_digest(item: SourceItem, secret: bytes) -> str:
-    """A hash of one input: its bytes and what the listing says of it (label, slices, ...)."""
-    fields = dataclasses.asdict(item)
-    fields.pop("path")  # where the input tree lies does not change the input
-    if fields.get("patient"):  # a raw identifier: only its keyed hash goes into any digest
-        fields["patient"] = pseudonymize(fields["patient"], secret)
-    return fingerprint({"item": fields, "bytes": _bytes_digest(item.path)})
-
-
-def _item_digests(items: Sequence[SourceItem], secret: bytes) -> dict[str, str]:
-    """Per input (rel_path), its :func:`_item_digest`.
-
-    Threads: sha256 releases the GIL, so reading and hashing overlap across files.
-    """
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = pool.map(functools.partial(_item_digest, secret=secret), items)
-        return {it.rel_path: d for it, d in zip(items, digests)}
-
-
-def _fingerprint(
-    cfg: IngestConfig, items: Sequence[SourceItem], digests: dict[str, str], secret: bytes
-) -> _Fingerprint:
-    """The fingerprint of the set ``cfg`` would make from ``items`` now."""
-    table = ""
-    if cfg.source in ("nifti", "dicom"):
-        csv_path = Path(cfg.labels_csv) if cfg.labels_csv else Path(cfg.input) / "labels.csv"
-        table = file_sha256(csv_path) if csv_path.is_file() else "missing"
-    inputs = {
-        "items": [[it.rel_path, digests[it.rel_path]] for it in items],
-        "labels_table": table,
-        # The key decides the patient groups and so the splits: another key, another set.
-        "secret": pseudonymize("srmri-ingest-fingerprint", secret),
-    }
-    return _Fingerprint(config_hash(cfg, exclude=_RUNTIME_KEYS)[:32], fingerprint(inputs)[:32])
-
-
 def _read_staged(stage: Path) -> dict[str, str] | None:
     """The fingerprint parts the staged work in ``stage`` is for, or None if unrecorded."""
     try:
@@ -261,7 +106,7 @@ def _read_staged(stage: Path) -> dict[str, str] | None:
 
 
 def _prepare_out(
-    out: Path, fp: _Fingerprint, overwrite: bool, log: Callable[[str], None] = print
+    out: Path, fp: SetFingerprint, overwrite: bool, log: Callable[[str], None] = print
 ) -> bool:
     """Make OUT ready for the set ``fp`` describes; returns True if it already holds it finished.
 
@@ -311,7 +156,7 @@ def _prepare_out(
 
 
 def _read_journal(path: Path) -> dict[str, tuple[str, list[dict[str, Any]]]]:
-    """Journaled inputs: rel_path -> (the input's digest when processed, its records)."""
+    """Journaled inputs: input id -> (the input's digest when processed, its records)."""
     done: dict[str, tuple[str, list[dict[str, Any]]]] = {}
     if not path.is_file():
         return done
@@ -321,7 +166,7 @@ def _read_journal(path: Path) -> dict[str, tuple[str, list[dict[str, Any]]]]:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 break  # a torn last line from an interrupted run: redo that item
-            # An entry of an older version has no digest: it is redone.
+            # An entry of an older version (keyed by path, or without a digest) is redone.
             done[entry["item"]] = (entry.get("digest", ""), entry["records"])
     return done
 
@@ -329,31 +174,32 @@ def _read_journal(path: Path) -> dict[str, tuple[str, list[dict[str, Any]]]]:
 def _process_all(
     cfg: IngestConfig,
     items: list[SourceItem],
+    ids: dict[str, str],
     digests: dict[str, str],
     secret: bytes,
     log: Callable[[str], None],
 ) -> tuple[dict[str, list[dict[str, Any]]], int]:
     """Process every input not yet journaled under its current digest, staging its pixels.
 
+    The journal (inside OUT) names inputs by id only, like everything else in OUT.
+
     Returns:
-        Per input (rel_path), its records; and how many inputs were reused from the journal.
+        Per input id, its records; and how many inputs were reused from the journal.
     """
     stage = Path(cfg.out) / STAGING
     (stage / "items").mkdir(parents=True, exist_ok=True)
     journal_path = stage / "journal.jsonl"
     journaled = _read_journal(journal_path)
-    done = {
-        rel: records for rel, (digest, records) in journaled.items() if digests.get(rel) == digest
-    }
-    todo = [it for it in items if it.rel_path not in done]
+    done = {i: records for i, (digest, records) in journaled.items() if digests.get(i) == digest}
+    todo = [it for it in items if ids[it.rel_path] not in done]
     if journaled:
         log(f"resuming: {len(done)} of {len(items)} inputs already processed")
     if len(done) < len(journaled):
         log(f"{len(journaled) - len(done)} journaled inputs changed since: processing them again")
-    ctx = _Context(cfg.preprocess, cfg.synth, secret)
-    fn = functools.partial(_process, ctx=ctx)
+    ctx = Context(cfg.preprocess, cfg.synth, secret)
+    fn = functools.partial(process, ctx=ctx)
     if cfg.source == "synth" and todo and (cfg.workers or os.cpu_count() or 1) > 1:
-        _load(todo[0], ctx)  # load the template once here, before the workers fork
+        load(todo[0], ctx)  # load the template once here, before the workers fork
     with open(journal_path, "a") as journal:
         results = _parallel_map(fn, todo, cfg.workers, cfg.ray_address)
         for item, (records, pixels) in tqdm(
@@ -362,11 +208,28 @@ def _process_all(
             ok = [r for r in records if r["status"] == "ok"]
             for rec, raw in zip(ok, pixels):
                 write_bytes(stage / "items" / f"{rec['key']}.u16", raw)
-            entry = {"item": item.rel_path, "digest": digests[item.rel_path], "records": records}
+            own = ids[item.rel_path]
+            entry = {"item": own, "digest": digests[own], "records": records}
             journal.write(json.dumps(entry) + "\n")
             journal.flush()
-            done[item.rel_path] = records
+            done[own] = records
     return done, len(items) - len(todo)
+
+
+def _accounting(
+    cfg: IngestConfig, inv: Inventory, ids: dict[str, str], rows: list[ManifestRow]
+) -> str:
+    """The closing line: entries found under INPUT, and what became of them (no name)."""
+    counts = tally(inv, ids, rows)
+    found = counts.pop("in")
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v)
+    what = "synthetic inputs" if cfg.source == "synth" else "files and links under the input"
+    stored = sum(r.status == "ok" for r in rows)
+    return (
+        f"in: {found} {what}; out: {sum(counts.values())} accounted for "
+        f"({outcomes or 'none'}), each in a manifest row; {stored} samples stored"
+        + ("" if cfg.source == "synth" else f" (python -m shards locate {cfg.out} KEY: its file)")
+    )
 
 
 def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> IngestResult:
@@ -374,30 +237,57 @@ def ingest(cfg: IngestConfig, log: Callable[[str], None] = print) -> IngestResul
 
     Args:
         cfg: The ingest configuration.
-        log: Where progress lines go (rank-0 console by default).
+        log: Where progress lines go (rank-0 console by default); they name no input path.
 
     Returns:
         The finished set's index and manifest rows.
 
     Raises:
-        ConfigError: If OUT holds another data set (see :func:`_prepare_out`) or no input.
+        ConfigError: If OUT holds another data set (see :func:`_prepare_out`), or the inputs
+            make no usable set (:class:`~shards.assemble.UnusableSetError`).
     """
     require(bool(cfg.out), "out", "an output folder is required (--out)")
     out = Path(cfg.out)
-    items = _list_items(cfg)
-    if not items:
-        raise ConfigError(f"input: no {cfg.source} inputs found under {cfg.input}")
+    inv = take_inventory(cfg)
     secret = load_secret(cfg.secret_file or None)
-    digests = _item_digests(items, secret)
-    fp = _fingerprint(cfg, items, digests, secret)
+    ids = ids_of(inv, cfg.source, functools.partial(input_id, secret=secret))
+    digests = item_digests(inv.items, ids, secret)
+    shared = shareable_config(cfg, secret)
+    fp = set_fingerprint(
+        cfg, shared, inv.items, ids=ids, digests=digests, skipped=inv.skipped, secret=secret
+    )
+    if cfg.source != "synth":  # first, so that even a failed run's rows can be located
+        paths = {ids[rel]: rel for rel in inv.paths()}
+        write_mapping(mapping_path(fp.value, cfg.secret_file or None), cfg.input, paths)
     if _prepare_out(out, fp, cfg.overwrite, log):
         index = read_index(out)
+        rows = read_manifest_rows(out)
         log(f"{out} already holds this finished data set ({index.dataset_id}); nothing to do")
-        return IngestResult(out, index, read_manifest_rows(out), skipped=True)
-    done, resumed = _process_all(cfg, items, digests, secret, log)
-    stage = out / STAGING
-    rows, index = assemble(cfg, items, done, stage, made_from=fp.parts, fingerprint=fp.value)
-    save_config(cfg, out / "config.yaml")
+        log(_accounting(cfg, inv, ids, rows))
+        return IngestResult(out, index, rows, skipped=True)
+    done, resumed = _process_all(cfg, inv.items, ids, digests, secret, log)
+    listing = Listing(inv.items, ids, inv.skipped)
+    try:
+        rows, index = assemble(
+            cfg,
+            listing,
+            done,
+            out / STAGING,
+            made_from=fp.parts,
+            fingerprint=fp.value,
+            config=shared,
+            log=log,
+        )
+    except UnusableSetError as exc:
+        log(_accounting(cfg, inv, ids, exc.rows))
+        where = f" in {cfg.input}" if cfg.input else ""
+        raise UnusableSetError(
+            f"{exc}{where}; every row is in {out / 'manifest.parquet'}; "
+            f"python -m shards locate {out} lists their files",
+            exc.rows,
+        ) from None
+    save_config(shared, out / "config.yaml")  # as the index records it: no local path
     write_index(out, index)
-    shutil.rmtree(stage, ignore_errors=True)
+    shutil.rmtree(out / STAGING, ignore_errors=True)
+    log(_accounting(cfg, inv, ids, rows))
     return IngestResult(out, index, rows, resumed_items=resumed)

@@ -6,16 +6,18 @@ and by the pipeline's ``data`` section; kept apart so those modules need not imp
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from shards.dedup import DedupConfig
 from shards.preprocess import PreprocessConfig
+from shards.privacy import keyed_token
 from shards.split import SplitConfig
 from shards.synth import SynthConfig
-from srmri.config import require
+from srmri.config import config_to_dict, require
 
-__all__ = ["KAGGLE_CLASSES", "IngestConfig", "Source"]
+__all__ = ["KAGGLE_CLASSES", "IngestConfig", "Source", "shareable_config"]
 
 KAGGLE_CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 Source = Literal["kaggle", "folder", "figshare", "nifti", "dicom", "synth"]
@@ -76,3 +78,26 @@ class IngestConfig:
         require(self.shard_max_count >= 1, "shard_max_count", "must be at least 1")
         require(self.workers >= 0, "workers", "must be 0 (all cores) or more")
         require(self.max_slices_per_volume >= 1, "max_slices_per_volume", "must be at least 1")
+
+
+def shareable_config(cfg: IngestConfig, secret: bytes) -> dict[str, Any]:
+    """The config as a shard set records it (``config.yaml``, ``index.json``): no local path.
+
+    ``input`` and ``labels_csv`` become keyed hashes of their absolute paths (``hmac:...``), so
+    the config hash still tells one input folder from another but names neither; ``out`` and
+    ``secret_file`` (this machine's paths, which change nothing in the set) are left empty.
+
+    Args:
+        cfg: The ingest config.
+        secret: The pseudonymisation key.
+
+    Returns:
+        The config as plain nested dicts.
+    """
+    data = config_to_dict(cfg)
+    for key in ("input", "labels_csv"):
+        if data[key] and not str(data[key]).startswith("hmac:"):
+            data[key] = keyed_token(os.path.abspath(data[key]), secret)
+    data["out"] = ""
+    data["secret_file"] = ""
+    return data

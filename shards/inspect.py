@@ -1,4 +1,8 @@
-"""``shards inspect``: counts per split, class and QC status, and a contact sheet per class."""
+"""``shards inspect``: counts per split, class and QC status, and a contact sheet per class.
+
+Nothing here names an input path: rows are known by key. ``python -m shards locate ROOT``
+prints the real files of the rows that are not ``ok`` (see :mod:`shards.locate`).
+"""
 
 from __future__ import annotations
 
@@ -37,9 +41,13 @@ def count_table(root: str | Path) -> str:
     status = Counter(r.status for r in rows)
     lines.append("")
     lines.append("status: " + ", ".join(f"{k} {v}" for k, v in sorted(status.items())))
-    reasons = Counter(r.reason.split(":", 1)[0] for r in rows if r.status != "ok")
+    not_read = ("ok", "skipped")
+    reasons = Counter(r.reason.split(":", 1)[0] for r in rows if r.status not in not_read)
     if reasons:
         lines.append("reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+    skipped = Counter(r.reason.split(":", 1)[0] for r in rows if r.status == "skipped")
+    if skipped:
+        lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
     dups = Counter(r.duplicate_kind for r in rows if r.duplicate_kind)
     if dups:
         leaks = sum(r.leakage for r in rows)
@@ -47,6 +55,10 @@ def count_table(root: str | Path) -> str:
             "duplicates: "
             + ", ".join(f"{k} {v}" for k, v in sorted(dups.items()))
             + f"; rows in a duplicate cluster that crosses splits (leakage): {leaks}"
+        )
+    if reasons or skipped:
+        lines.append(
+            f"their files (on the machine that made the set): python -m shards locate {root}"
         )
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from srmri.config import require
 
-__all__ = ["SplitConfig", "assign_splits", "keys_hash"]
+__all__ = ["SplitConfig", "assign_splits", "empty_splits", "keys_hash"]
 
 
 @dataclass
@@ -40,18 +40,28 @@ def assign_splits(
     groups: Sequence[str],
     fixed: Sequence[str | None],
     cfg: SplitConfig,
+    content: Sequence[str],
 ) -> list[str]:
     """Assign each sample to train/val/test, keeping every group in one split.
 
+    The seeded order of the groups starts from their content (the least ``content`` value of
+    each group's samples), never from their names: a group's name is a keyed hash of a patient
+    id, so ordering by it would give another split, hence other numbers, under another
+    machine's secret key. The same inputs and seed give the same split everywhere.
+
     Groups are placed greedily (largest first, ties in seeded random order) into the split
     whose per-class quota is relatively furthest from being met (ties: train, val, test),
-    which stratifies by class.
+    which stratifies by class. With few groups that can leave a split empty although another
+    has several groups: the smallest group of the split with the most groups then moves
+    there, the test split served first. A split still empty (fewer groups than splits) is for
+    the caller to report (:func:`empty_splits`).
 
     Args:
         labels: Class index per sample.
         groups: Group (pseudonymised patient, or duplicate cluster) per sample.
         fixed: A split fixed by the source layout (e.g. ``"test"``) or None per sample.
         cfg: Fractions and seed.
+        content: A content hash per sample (the sha256 of its stored pixels).
 
     Returns:
         Split name per sample.
@@ -72,7 +82,8 @@ def assign_splits(
     have = {s: Counter() for s in fractions}
 
     rng = np.random.default_rng(cfg.seed)
-    names = sorted(members)
+    first = {g: min(content[i] for i in idx) for g, idx in members.items()}
+    names = sorted(members, key=lambda g: (first[g], g))  # name only between equal contents
     order = [names[k] for k in rng.permutation(len(names))]
     order.sort(key=lambda g: -len(members[g]))  # stable: ties keep the seeded order
     for g in order:
@@ -89,7 +100,43 @@ def assign_splits(
         have[best].update(counts)
         for i in members[g]:
             out[i] = best
+    _fill_empty(out, members, order, [s for s in ("test", "val") if fractions.get(s, 0) > 0])
     return out
+
+
+def _fill_empty(
+    out: list[str], members: dict[str, list[int]], order: list[str], wanted: list[str]
+) -> None:
+    """Move one group into each split of ``wanted`` left empty, from a split with several."""
+    for split in wanted:
+        placed: dict[str, list[str]] = defaultdict(list)
+        for g in order:
+            placed[out[members[g][0]]].append(g)
+        if placed[split]:
+            continue
+        donor = max(placed, key=lambda s: len(placed[s]))
+        if len(placed[donor]) < 2:
+            return  # every split holds at most one group: nothing can move
+        smallest = min(placed[donor], key=lambda g: len(members[g]))  # ties: seeded order
+        for i in members[smallest]:
+            out[i] = split
+
+
+def empty_splits(splits: Sequence[str], fixed: Sequence[str | None], cfg: SplitConfig) -> list[str]:
+    """The splits the config asks for that hold no sample (train, val, test order).
+
+    Args:
+        splits: Split name per usable sample (:func:`assign_splits`).
+        fixed: Split fixed by the layout per sample (a fixed test split is always asked for).
+        cfg: Fractions: a split with fraction 0 is not asked for.
+    """
+    asked = ["train"]
+    if cfg.val_fraction > 0:
+        asked.append("val")
+    if cfg.test_fraction > 0 or "test" in fixed:
+        asked.append("test")
+    present = set(splits)
+    return [s for s in asked if s not in present]
 
 
 def keys_hash(keys: Sequence[str]) -> str:

@@ -41,17 +41,26 @@ GROUP_SAMPLE = "sample"
 
 @dataclass
 class ManifestRow:
-    """One input (or one slice of a volume) in ``manifest.parquet``; quarantined ones too.
+    """One input (or one slice of a volume, or one entry of the input tree that is not read).
+
+    Every file or link under the ingest's INPUT folder is in exactly one row's input: its own,
+    or (for the instances of a DICOM series folder) the series'. No row names a path: inputs are
+    known by keyed hashes, and ``python -m shards locate`` finds the real file of a row on the
+    machine that made the set.
 
     Attributes:
-        key: The sample's key (a hash of the input's relative path and slice; no identifier).
+        key: The row's key: ``<source>_<input_id>[_s<slice>]`` (nothing but hashes).
         source: The source reader that read it (``kaggle``, ``nifti``, ``synth``, ...).
-        source_path: The input's path relative to the ingest's INPUT folder.
+        input_id: Keyed hash (16 hex digits) of the input's path relative to INPUT; the rows of
+            one volume's slices share it. Empty in sets derived from another (``enhance``).
         slice: Axial slice index within a volume; None for 2-D inputs.
         label: Class index into the set's classes; -1 when unknown.
         class_name: Name of the class (empty when the label is unknown).
-        status: ``ok`` (stored in a shard), ``quarantined`` or ``duplicate_removed``.
-        reason: Why a row is not ``ok`` (``slug: details``); empty for ``ok`` rows.
+        status: ``ok`` (stored in a shard), ``quarantined`` (unusable), ``duplicate_removed``
+            or ``skipped`` (not an input: an unsupported file type, a file outside the
+            reader's layout, the labels table, a hidden entry, a link outside the tree, a
+            dangling or looping link, a non-DICOM file in a series folder).
+        reason: Why a row is not ``ok`` (``slug: details``, naming no path); empty for ``ok``.
         split: ``train``, ``val`` or ``test`` for usable rows; empty otherwise.
         shard: The tar shard holding the sample; empty when it is in none.
         group: What the split keeps together: a pseudonymised patient id or, without one, the
@@ -68,7 +77,7 @@ class ManifestRow:
 
     key: str
     source: str
-    source_path: str
+    input_id: str
     slice: int | None
     label: int
     class_name: str
@@ -102,7 +111,7 @@ MANIFEST_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("source", pa.string()),
-        ("source_path", pa.string()),
+        ("input_id", pa.string()),
         ("slice", pa.int32()),
         ("label", pa.int32()),
         ("class_name", pa.string()),
@@ -133,9 +142,10 @@ def file_sha256(path: str | Path) -> str:
 def content_id(rows: Sequence[ManifestRow], classes: Sequence[str]) -> str:
     """The id of a shard set computed from what it holds, not from where it came from.
 
-    A hash over the class list and, for every stored (``ok``) sample in key order, its key,
-    split, label and the sha256 of its pixels: byte-identical inputs ingested from different
-    folders give the same id, and any changed pixel, label, split or class gives another.
+    A hash over the class list and, for every stored (``ok``) sample, its split, label and
+    the sha256 of its pixels: byte-identical inputs ingested from different folders, or under
+    another secret key (keys are keyed hashes of the input paths), give the same id, and any
+    changed pixel, label, split or class gives another.
 
     Args:
         rows: The set's manifest rows (rows that are not ``ok`` are not in any shard: skipped).
@@ -144,7 +154,7 @@ def content_id(rows: Sequence[ManifestRow], classes: Sequence[str]) -> str:
     Returns:
         32 hex characters.
     """
-    samples = sorted((r.key, r.split, int(r.label), r.sha256) for r in rows if r.status == "ok")
+    samples = sorted((r.sha256, r.split, int(r.label)) for r in rows if r.status == "ok")
     return fingerprint({"classes": list(classes), "samples": samples})[:32]
 
 
@@ -180,7 +190,7 @@ def write_split_shards(
     pattern = str(stage / f"{split}-%06d.tar")
     # mtime=0 makes the tar bytes (and so the recorded sha256) reproducible run to run.
     with wds.ShardWriter(
-        pattern, maxcount=max_count, maxsize=max_bytes, verbose=0, mtime=0.0
+        pattern, maxcount=max_count, maxsize=max_bytes, verbose=0, mtime=0
     ) as sink:
         for row in rows:
             meta = {
@@ -220,7 +230,8 @@ def read_manifest_rows(root: str | Path) -> list[ManifestRow]:
     """All rows of a set's ``manifest.parquet`` as :class:`ManifestRow` objects.
 
     A manifest written before a column existed still reads: ``group_kind`` is then derived
-    from the group (:func:`legacy_group_kind`); other missing columns keep their defaults.
+    from the group (:func:`legacy_group_kind`); other missing columns keep their defaults, and
+    an old manifest's ``source_path`` column (a plain path) is not read at all.
 
     Args:
         root: The shard set's folder.
@@ -229,7 +240,10 @@ def read_manifest_rows(root: str | Path) -> list[ManifestRow]:
         The rows, in manifest order.
     """
     table = pq.read_table(Path(root) / MANIFEST_NAME).to_pylist()
-    rows = [ManifestRow(**{k: row[k] for k in MANIFEST_SCHEMA.names if k in row}) for row in table]
+    rows = [
+        ManifestRow(**{"input_id": "", **{k: row[k] for k in MANIFEST_SCHEMA.names if k in row}})
+        for row in table
+    ]
     for r in rows:
         if not r.group_kind:
             r.group_kind = legacy_group_kind(r.group)

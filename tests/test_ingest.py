@@ -28,6 +28,7 @@ from shards.format import decode_image, read_index
 from shards.ingest import ingest
 from shards.ingest_config import IngestConfig
 from shards.inspect import contact_sheet, count_table, read_manifest_rows
+from shards.locate import read_mapping
 from shards.split import keys_hash
 from shards.verify import verify
 from srmri.config import ConfigError, load_config
@@ -46,6 +47,12 @@ def run_ingest(source: str, inp: Path | None, out: Path, *overrides: str):
         items.append(f"input={inp}")
     cfg = load_config(IngestConfig, None, [*items, *overrides])
     return ingest(cfg, log=lambda _: None)
+
+
+def with_paths(out: Path) -> list[tuple[str, object]]:
+    """Every manifest row with its input's relative path, from the local mapping file."""
+    paths = read_mapping(out)[1]
+    return [(paths[r.input_id], r) for r in read_manifest_rows(out)]
 
 
 def shard_samples(out: Path) -> dict[str, dict]:
@@ -71,7 +78,7 @@ def test_kaggle_round_trip_quarantine_and_test_split(tmp_path):
     written = make_kaggle_tree(inp, per_class=6)
     bad = add_bad_images(inp / "Training" / "glioma")
     result = run_ingest("kaggle", inp, out)
-    rows = {r.source_path: r for r in read_manifest_rows(out)}
+    rows = dict(with_paths(out))
     # nothing silently dropped: every file, good or bad, has exactly one row
     assert set(rows) == set(written) | {f"Training/glioma/{name}" for name in bad}
     for name, slug in bad.items():
@@ -116,7 +123,7 @@ def test_other_formats_round_trip_grouped_by_patient(tmp_path):
     out = tmp_path / "o_folder"
     run_ingest("folder", tmp_path / "folder", out, "classes=[glioma,meningioma,notumor,pituitary]")
     rows = read_manifest_rows(out)
-    assert {r.source_path for r in rows} == set(folder_labels)
+    assert {p for p, _ in with_paths(out)} == set(folder_labels)
     assert all(r.status == "ok" for r in rows) and verify(out) == []
     # no patient id in a folder tree: every sample is its own group, and the manifest says so
     assert all(r.group_kind == "sample" for r in rows)
@@ -127,12 +134,11 @@ def test_other_formats_round_trip_grouped_by_patient(tmp_path):
     run_ingest("figshare", tmp_path / "fig", out)
     rows = read_manifest_rows(out)
     code_to_name = {1: "meningioma", 2: "glioma", 3: "pituitary"}
-    for r in rows:
-        rec = records[r.source_path]
-        assert r.class_name == code_to_name[rec.label_code]
+    for path, r in with_paths(out):
+        assert r.class_name == code_to_name[records[path].label_code]
     by_patient: dict[str, set] = {}
-    for r in rows:
-        by_patient.setdefault(records[r.source_path].pid, set()).add((r.group, r.split))
+    for path, r in with_paths(out):
+        by_patient.setdefault(records[path].pid, set()).add((r.group, r.split))
     assert all(len(v) == 1 for v in by_patient.values()), "a patient spans groups or splits"
     assert len(by_patient) >= 3
     assert all(r.group_kind == "patient" for r in rows)
@@ -144,15 +150,15 @@ def test_volumes_quarantine_and_no_header_value_anywhere(tmp_path, capfd):
     nset = make_nifti_set(tmp_path / "nii")
     out_n = tmp_path / "o_nii"
     run_ingest("nifti", tmp_path / "nii", out_n, "max_slices_per_volume=4")
-    rows = read_manifest_rows(out_n)
+    rows = with_paths(out_n)
     for rel, slug in nset.bad.items():
-        bad_rows = [r for r in rows if r.source_path == rel]
+        bad_rows = [r for p, r in rows if p == rel]
         assert bad_rows and all(r.status == "quarantined" for r in bad_rows), rel
         assert all(r.reason.startswith(slug) for r in bad_rows), [r.reason for r in bad_rows]
-    listed = [r for r in rows if r.source_path == "sub-03.nii"]
+    listed = [r for p, r in rows if p == "sub-03.nii"]
     assert sorted(r.slice for r in listed) == [10, 14, 18]
-    ok = [r for r in rows if r.status == "ok"]
-    groups = {r.source_path: r.group for r in ok}
+    ok = [r for _, r in rows if r.status == "ok"]
+    groups = {p: r.group for p, r in rows if r.status == "ok"}
     assert groups["sub-01/anat/sub-01_T1w.nii.gz"] == groups["sub-02/anat/sub-02_T1w.nii.gz"]
     assert len({r.split for r in ok if r.group == groups["sub-03.nii"]}) == 1
 
@@ -206,7 +212,7 @@ def test_cross_split_duplicates_reported_and_dedup_removes_later_copy(tmp_path):
     src = sorted((inp / "Training" / "meningioma").glob("*.jpg"))[0]
     shutil.copy(src, inp / "Testing" / "meningioma" / "zz_copy.jpg")
     run_ingest("kaggle", inp, tmp_path / "o1")
-    rows = {r.source_path: r for r in read_manifest_rows(tmp_path / "o1")}
+    rows = dict(with_paths(tmp_path / "o1"))
     copy = rows["Testing/meningioma/zz_copy.jpg"]
     orig = rows[src.relative_to(inp).as_posix()]
     # Testing/ lists before Training/, so the training copy is the later one: the locked test
@@ -216,7 +222,7 @@ def test_cross_split_duplicates_reported_and_dedup_removes_later_copy(tmp_path):
     assert "leakage" in count_table(tmp_path / "o1")
 
     run_ingest("kaggle", inp, tmp_path / "o2", "dedup.remove=true")
-    rows = {r.source_path: r for r in read_manifest_rows(tmp_path / "o2")}
+    rows = dict(with_paths(tmp_path / "o2"))
     assert rows[src.relative_to(inp).as_posix()].status == "duplicate_removed"
     assert rows["Testing/meningioma/zz_copy.jpg"].status == "ok"
     assert verify(tmp_path / "o2") == []
@@ -338,10 +344,16 @@ def test_split_is_stratified_grouped_and_seeded():
 
     labels = [i % 4 for i in range(400)]
     groups = [f"g{i // 4}" for i in range(400)]  # each group holds one of each class
+    content = [f"{(i * 7919) % 400:04d}" for i in range(400)]  # pixel hashes stand-ins
     cfg = SplitConfig(val_fraction=0.2, test_fraction=0.2, seed=5)
-    splits = assign_splits(labels, groups, [None] * 400, cfg)
-    assert splits == assign_splits(labels, groups, [None] * 400, cfg)
-    assert splits != assign_splits(labels, groups, [None] * 400, SplitConfig(0.2, 0.2, seed=6))
+    splits = assign_splits(labels, groups, [None] * 400, cfg, content)
+    assert splits == assign_splits(labels, groups, [None] * 400, cfg, content)
+    other = SplitConfig(0.2, 0.2, seed=6)
+    assert splits != assign_splits(labels, groups, [None] * 400, other, content)
+    # Other group names (another machine's secret key pseudonymises patients differently),
+    # same content: the same split.
+    renamed = [f"p{(int(g[1:]) * 37) % 101:03d}x{g}" for g in groups]
+    assert splits == assign_splits(labels, renamed, [None] * 400, cfg, content)
     for s, frac in (("train", 0.6), ("val", 0.2), ("test", 0.2)):
         assert abs(splits.count(s) / 400 - frac) < 0.03
     by_group: dict[str, set] = {}

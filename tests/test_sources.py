@@ -256,6 +256,24 @@ def test_nifti_options_and_table_errors(tmp_path: Path) -> None:
         nifti.list_items(tmp_path, CLASSES, labels_csv=tmp_path / "none.csv")
 
 
+def test_labels_table_rows_of_another_width_name_their_line(tmp_path: Path) -> None:
+    fx.make_nifti_set(tmp_path)
+    rows = list(csv.reader((tmp_path / "labels.csv").open()))
+    table = tmp_path / "other.csv"
+    # an unquoted comma in a value would silently cut the row: a row with a spare cell
+    with table.open("w", newline="") as fh:
+        csv.writer(fh).writerows([*rows[:3], [*rows[3], "spare"], *rows[4:]])
+    with pytest.raises(SourceError, match=r"other\.csv line 4: 5 cells but the header names 4"):
+        nifti.list_items(tmp_path, CLASSES, labels_csv=table)
+    with table.open("w", newline="") as fh:
+        csv.writer(fh).writerows([*rows[:2], rows[2][:2], *rows[3:]])
+    with pytest.raises(SourceError, match=r"other\.csv line 3: 2 cells but the header names 4"):
+        nifti.list_items(tmp_path, CLASSES, labels_csv=table)
+    table.write_bytes(b"file,label\nsub-03.nii,m\xe9ningioma\n")
+    with pytest.raises(SourceError, match=r"other\.csv: not UTF-8"):
+        nifti.list_items(tmp_path, CLASSES, labels_csv=table)
+
+
 def test_select_slices() -> None:
     vol = np.zeros((8, 8, 30), np.float32)
     vol[2:6, 2:6, 5:25] = 1.0

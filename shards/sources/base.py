@@ -13,11 +13,20 @@ A source reader is a module with two functions:
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["QuarantineError", "Slice", "SourceError", "SourceItem", "make_key"]
+__all__ = [
+    "PassedOver",
+    "QuarantineError",
+    "Slice",
+    "SourceError",
+    "SourceItem",
+    "make_key",
+    "public_id",
+]
 
 
 class SourceError(ValueError):
@@ -39,7 +48,8 @@ class SourceItem:
     Attributes:
         source: Reader name (kaggle, folder, figshare, nifti, dicom, synth).
         path: Absolute path of the file or series folder.
-        rel_path: Path relative to the input root; recorded in the manifest.
+        rel_path: Path relative to the input root. Never stored: the manifest holds its keyed
+            hash (:func:`shards.privacy.input_id`).
         label: Class index, or None where the label is only known after loading (figshare).
         split_hint: ``"test"`` where the layout fixes the split (Kaggle ``Testing/``), else None.
         slices: For volumes, the slice indices asked for (None: choose those with brain).
@@ -73,11 +83,37 @@ class Slice:
     label: int | None = None
 
 
-def make_key(source: str, rel_path: str, index: int | None = None) -> str:
-    """A sample key derived from the input's relative path (no identifiers, no dots).
+@dataclass(frozen=True)
+class PassedOver:
+    """A file inside an input (a series folder) that the reader did not use, and why.
+
+    Attributes:
+        name: The file's name inside the input's folder.
+        status: ``skipped`` (not an image of this kind: a text file) or ``quarantined``
+            (meant to be one but unusable: a zero-byte ``.dcm``).
+        reason: ``slug: detail``, as for a quarantined input.
+    """
+
+    name: str
+    status: str
+    reason: str
+
+
+def public_id(rel_path: str) -> str:
+    """An unkeyed id (16 hex digits) of a path; only for the synthetic source's own names."""
+    return hashlib.sha1(os.fsencode(rel_path)).hexdigest()[:16]
+
+
+def make_key(source: str, input_id: str, index: int | None = None) -> str:
+    """A sample key: the source, the input's id and the slice (no identifier, no dots).
+
+    Args:
+        source: Reader name.
+        input_id: The input's keyed id (:func:`shards.privacy.input_id`; the synthetic source
+            uses :func:`public_id`, its names being its own).
+        index: Slice index within a volume, None for 2-D inputs.
 
     WebDataset splits file names at the first dot, so keys use only ``[a-z0-9_]``.
     """
-    digest = hashlib.sha1(rel_path.encode()).hexdigest()[:16]
-    key = f"{source}_{digest}"
+    key = f"{source}_{input_id}"
     return key if index is None else f"{key}_s{index:04d}"

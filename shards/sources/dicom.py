@@ -5,12 +5,16 @@ The table (CSV, default ``root/labels.csv``) has ``series`` (the folder relative
 along the slice normal (ImagePositionPatient), else by InstanceNumber; RescaleSlope/Intercept
 are applied and MONOCHROME1 is inverted. The PatientID header goes only into
 ``Slice.patient``, which the caller hashes at once: no header value is kept anywhere else.
+
+Every file of a series folder is accounted for: a file that is not DICOM (scanner notes) is
+passed over as ``skipped``, one that should be but cannot be read (a zero-byte or garbled
+``.dcm``) as ``quarantined``; the rest of the series is still read (:func:`load_series`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from shards.sources.base import QuarantineError, Slice, SourceError, SourceItem
+from shards.sources.base import PassedOver, QuarantineError, Slice, SourceError, SourceItem
 from shards.sources.images import luminance
 from shards.sources.nifti import (
     DEFAULT_MAX_SLICES,
@@ -27,11 +31,25 @@ from shards.sources.nifti import (
     read_labels_table,
     volume_slices,
 )
+from shards.sources.walk import Tree, walk_tree
 
-__all__ = ["list_items", "load_item", "read_dicom_series"]
+__all__ = [
+    "LAYOUT",
+    "SUFFIXES",
+    "Series",
+    "list_items",
+    "load_item",
+    "load_series",
+    "read_dicom_series",
+    "read_series",
+]
 
 SOURCE = "dicom"
+SUFFIXES = None  # any file in a series folder is read (DICOM files often have no suffix)
+LAYOUT = "one folder per series, listed in the labels table"
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# A file named like this is meant to be DICOM: unreadable, it is quarantined, not skipped.
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 
 @dataclass
@@ -95,41 +113,40 @@ def _frames_of(ds: Dataset, name: str) -> list[_Frame]:
     return out
 
 
-def read_dicom_series(folder: Path) -> tuple[np.ndarray, str | None]:
-    """Read one DICOM series folder as a volume, slices stacked on the last axis.
+@dataclass
+class Series:
+    """A series read from its folder.
 
-    Files that are not DICOM are skipped; sub-folders are not read (they are other series).
-
-    Args:
-        folder: The series folder.
-
-    Returns:
-        ``(volume, patient_id)``: float32 volume in rescaled units, ``volume[:, :, k]`` the
-        k-th slice along the normal (or by InstanceNumber), and the PatientID header (or None).
-        The patient id must be hashed by the caller and never stored.
-
-    Raises:
-        QuarantineError: ``unreadable`` (no DICOM file, undecodable pixels), ``no_pixel_data``
-            (an instance without pixels), ``inconsistent_shape``.
+    Attributes:
+        volume: float32 volume in rescaled units, ``volume[:, :, k]`` the k-th slice along the
+            normal (or by InstanceNumber).
+        patient: The PatientID header, or None; the caller must hash it and never store it.
+        passed_over: The folder's files that were not used, each with its status and reason.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise QuarantineError(f"unreadable: series folder {folder.name} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    frames: list[_Frame] = []
-    patient: str | None = None
-    for path in files:
-        ds = _read_dataset(path)
-        if ds is None:
-            continue  # not DICOM (notes, DICOMDIR leftovers): the series may still be whole
-        frames.extend(_frames_of(ds, path.name))
-        if patient is None and str(ds.get("PatientID", "") or "").strip():
-            patient = str(ds.PatientID).strip()
-    if not frames:
-        raise QuarantineError(f"unreadable: series {folder.name} holds no readable DICOM image")
+
+    volume: np.ndarray
+    patient: str | None
+    passed_over: list[PassedOver] = field(default_factory=list)
+
+
+def _passed_over(path: Path) -> PassedOver:
+    """Why a file of a series folder that is no DICOM image is not used."""
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as exc:
+        return PassedOver(path.name, "quarantined", f"unreadable: {path.name}: {exc.strerror}")
+    if empty:
+        return PassedOver(path.name, "quarantined", f"empty_file: {path.name} has zero bytes")
+    if path.name.lower().endswith(_DICOM_SUFFIXES):
+        reason = f"unreadable: {path.name} is not a readable DICOM file"
+        return PassedOver(path.name, "quarantined", reason)
+    return PassedOver(path.name, "skipped", f"not_dicom: {path.name} is not a DICOM file")
+
+
+def _stack(frames: list[_Frame], name: str) -> np.ndarray:
     shapes = sorted({f.image.shape for f in frames})
     if len(shapes) > 1:
-        raise QuarantineError(f"inconsistent_shape: series {folder.name} mixes shapes {shapes}")
+        raise QuarantineError(f"inconsistent_shape: series {name} mixes shapes {shapes}")
     frames.sort(key=lambda f: f.order)
     volume = np.stack([f.image for f in frames], axis=-1).astype(np.float32)
     flipped = [k for k, f in enumerate(frames) if f.inverted]
@@ -138,19 +155,72 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, str | None]:
         # their relative intensities.
         part = volume[:, :, flipped]
         volume[:, :, flipped] = part.max() + part.min() - part
-    return volume, patient
+    return volume
 
 
-def _series_folders(root: Path, csv_path: Path) -> list[str]:
-    """Folders under ``root`` (not root itself) that directly hold a visible file."""
-    found = []
-    for folder in sorted(p for p in root.rglob("*") if p.is_dir()):
-        rel = folder.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-        if any(p.resolve() != csv_path for p in files):
-            found.append(rel.as_posix())
+def read_series(folder: Path, names: Sequence[str] | None = None) -> Series:
+    """Read one DICOM series folder as a volume, slices stacked on the last axis.
+
+    Sub-folders are not read (they are other series); files that are no DICOM image are
+    passed over (see the module docstring).
+
+    Args:
+        folder: The series folder.
+        names: The files to read (as the listing found them); None: every visible file.
+
+    Returns:
+        The :class:`Series`.
+
+    Raises:
+        QuarantineError: ``unreadable`` (no DICOM file, undecodable pixels), ``no_pixel_data``
+            (an instance without pixels), ``inconsistent_shape``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise QuarantineError(f"unreadable: series folder {folder.name} does not exist")
+    if names is None:
+        names = [p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    frames: list[_Frame] = []
+    patient: str | None = None
+    passed: list[PassedOver] = []
+    for path in (folder / name for name in sorted(names)):
+        ds = _read_dataset(path)
+        if ds is None:
+            passed.append(_passed_over(path))
+            continue  # the series may still be whole
+        frames.extend(_frames_of(ds, path.name))
+        if patient is None and str(ds.get("PatientID", "") or "").strip():
+            patient = str(ds.PatientID).strip()
+    if not frames:
+        raise QuarantineError(f"unreadable: series {folder.name} holds no readable DICOM image")
+    return Series(_stack(frames, folder.name), patient, passed)
+
+
+def read_dicom_series(folder: Path) -> tuple[np.ndarray, str | None]:
+    """Read one DICOM series folder: ``(volume, patient_id)`` of :func:`read_series`.
+
+    The patient id must be hashed by the caller and never stored.
+
+    Raises:
+        QuarantineError: As :func:`read_series`.
+    """
+    series = read_series(folder)
+    return series.volume, series.patient
+
+
+def _series_folders(tree: Tree, csv_path: Path) -> dict[str, list[Path]]:
+    """Folders under the root (not the root itself) that directly hold a visible file.
+
+    Returns:
+        Relative folder path -> the files in it (the labels table excluded).
+    """
+    found: dict[str, list[Path]] = {}
+    for folder in sorted(tree.dirs):
+        files = [
+            p for p in tree.files_in(folder) if p.name != csv_path.name or p.resolve() != csv_path
+        ]
+        if files:
+            found[tree.rel(folder)] = files
     return found
 
 
@@ -161,6 +231,7 @@ def list_items(
     labels_csv: Path | None = None,
     class_map: Mapping[str, str] | None = None,
     max_slices_per_volume: int = DEFAULT_MAX_SLICES,
+    tree: Tree | None = None,
 ) -> list[VolumeItem]:
     """List the labelled DICOM series under ``root``, sorted by relative path.
 
@@ -170,6 +241,7 @@ def list_items(
         labels_csv: The labels table (``series,label``); default ``root/labels.csv``.
         class_map: Table label to known class name.
         max_slices_per_volume: Most slices per series when none are listed (0: all with brain).
+        tree: The walk of ``root`` (:func:`~shards.sources.walk.walk_tree`), if already made.
 
     Returns:
         One item per series folder (``patient`` from the table if it has that column, else
@@ -183,7 +255,8 @@ def list_items(
         raise SourceError(f"{root}: input folder does not exist")
     csv_path = Path(labels_csv) if labels_csv is not None else root / "labels.csv"
     rows = read_labels_table(csv_path, "series", classes, class_map)
-    check_rows_match(rows, _series_folders(root, csv_path.resolve()), csv_path, "series folder")
+    series = _series_folders(tree or walk_tree(root), csv_path.resolve())
+    check_rows_match(rows, list(series), csv_path, "series folder")
     items = [
         VolumeItem(
             SOURCE,
@@ -193,16 +266,27 @@ def list_items(
             slices=row.slices,
             patient=row.patient,
             max_slices=max_slices_per_volume,
+            files=tuple(p.name for p in series[row.key]),
         )
         for row in rows
     ]
     return sorted(items, key=lambda item: item.rel_path)
 
 
+def load_series(item: SourceItem) -> tuple[list[Slice], list[PassedOver]]:
+    """Read one series: its chosen slices (patient id from table or header) and the files of
+    its folder that were passed over.
+
+    Raises:
+        QuarantineError: As :func:`read_series` and :func:`volume_slices`.
+    """
+    series = read_series(Path(item.path), getattr(item, "files", None))
+    patient = getattr(item, "patient", None) or series.patient
+    max_slices = getattr(item, "max_slices", DEFAULT_MAX_SLICES)
+    slices = volume_slices(series.volume, item.rel_path, item.slices, max_slices, patient)
+    return slices, series.passed_over
+
+
 def load_item(item: SourceItem) -> list[Slice]:
     """Read one series and return its chosen slices (patient id from table or header)."""
-    folder = Path(item.path)
-    volume, header_patient = read_dicom_series(folder)
-    patient = getattr(item, "patient", None) or header_patient
-    max_slices = getattr(item, "max_slices", DEFAULT_MAX_SLICES)
-    return volume_slices(volume, item.rel_path, item.slices, max_slices, patient)
+    return load_series(item)[0]

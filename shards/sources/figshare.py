@@ -17,10 +17,21 @@ import numpy as np
 
 from shards.sources.base import QuarantineError, Slice, SourceError, SourceItem
 from shards.sources.folder import resolve_class_map
+from shards.sources.walk import Tree, walk_tree
 
-__all__ = ["FIGSHARE_LABELS", "FigshareItem", "decode_matlab_string", "list_items", "load_item"]
+__all__ = [
+    "FIGSHARE_LABELS",
+    "LAYOUT",
+    "SUFFIXES",
+    "FigshareItem",
+    "decode_matlab_string",
+    "list_items",
+    "load_item",
+]
 
 SOURCE = "figshare"
+SUFFIXES = (".mat",)
+LAYOUT = ".mat files anywhere under the input folder"
 # cjdata.label code -> class name, as documented with the data set.
 FIGSHARE_LABELS: dict[int, str] = {1: "meningioma", 2: "glioma", 3: "pituitary"}
 
@@ -59,6 +70,7 @@ def list_items(
     classes: Sequence[str],
     *,
     class_map: Mapping[str, str] | None = None,
+    tree: Tree | None = None,
 ) -> list[FigshareItem]:
     """List every ``.mat`` file under ``root`` (nested folders too), sorted by relative path.
 
@@ -67,6 +79,7 @@ def list_items(
         classes: Known class names in label order; must include meningioma, glioma and
             pituitary (directly or through ``class_map``).
         class_map: Figshare class name to known class name.
+        tree: The walk of ``root`` (:func:`~shards.sources.walk.walk_tree`), if already made.
 
     Returns:
         Items with ``label=None``: the label is read from each file on load.
@@ -92,20 +105,12 @@ def list_items(
             f"{root}: Figshare classes {', '.join(missing)} are not known classes "
             f"(known: {', '.join(names)}); map them with --classes NAME=KNOWN_CLASS"
         )
-    paths = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() == ".mat"
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    tree = tree or walk_tree(root)
+    paths = tree.files_under(root, SUFFIXES)
     if not paths:
         raise SourceError(f"{root}: no .mat files found")
     items = [
-        FigshareItem(
-            SOURCE, str(p), p.relative_to(root).as_posix(), None, label_indices=tuple(indices)
-        )
-        for p in paths
+        FigshareItem(SOURCE, str(p), tree.rel(p), None, label_indices=tuple(indices)) for p in paths
     ]
     return sorted(items, key=lambda item: item.rel_path)
 

@@ -6,15 +6,26 @@ are mapped through an optional ``class_map`` and must then be one of the known c
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from shards.sources.base import Slice, SourceError, SourceItem
-from shards.sources.images import is_image_file, read_image_file
+from shards.sources.images import IMAGE_SUFFIXES, read_image_file
+from shards.sources.walk import Tree, walk_tree
 
-__all__ = ["class_index", "class_names", "list_items", "load_item", "resolve_class_map"]
+__all__ = [
+    "LAYOUT",
+    "SUFFIXES",
+    "class_index",
+    "class_names",
+    "list_items",
+    "load_item",
+    "resolve_class_map",
+]
 
 SOURCE = "folder"
+SUFFIXES = IMAGE_SUFFIXES
+LAYOUT = "<class>/ folders (nested folders allowed)"
 
 
 def resolve_class_map(
@@ -60,12 +71,11 @@ def class_index(
     return list(classes).index(target)
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def class_names(
-    root: Path, classes: Sequence[str], class_map: Mapping[str, str] | None = None
+    root: Path,
+    classes: Sequence[str],
+    class_map: Mapping[str, str] | None = None,
+    tree: Tree | None = None,
 ) -> list[str]:
     """The class names a folder tree is read with: ``classes`` if given, else found ones.
 
@@ -77,16 +87,8 @@ def class_names(
     if not root.is_dir():
         raise SourceError(f"{root}: input folder does not exist")
     mapping = dict(class_map or {})
-    return sorted({mapping.get(d.name, d.name) for d in _class_dirs(root)})
-
-
-def images_under(folder: Path) -> Iterable[Path]:
-    """Image files anywhere under ``folder`` (hidden files and folders skipped), unsorted."""
-    for path in folder.rglob("*"):
-        if any(part.startswith(".") for part in path.relative_to(folder).parts):
-            continue
-        if is_image_file(path):
-            yield path
+    tree = tree or walk_tree(root)
+    return sorted({mapping.get(d.name, d.name) for d in tree.subdirs(root)})
 
 
 def list_items(
@@ -94,6 +96,7 @@ def list_items(
     classes: Sequence[str],
     *,
     class_map: Mapping[str, str] | None = None,
+    tree: Tree | None = None,
 ) -> list[SourceItem]:
     """List every image of a class-per-folder tree, sorted by relative path.
 
@@ -101,6 +104,7 @@ def list_items(
         root: Folder whose sub-folders are classes (images may sit in nested folders).
         classes: Known class names in label order; empty: the sorted folder names.
         class_map: Folder name to class name, for folders named otherwise.
+        tree: The walk of ``root`` (:func:`~shards.sources.walk.walk_tree`), if already made.
 
     Returns:
         One item per image file; ``label`` is the class index.
@@ -111,14 +115,14 @@ def list_items(
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"{root}: input folder does not exist")
-    names = class_names(root, classes, class_map)
+    tree = tree or walk_tree(root)
+    names = class_names(root, classes, class_map, tree)
     mapping = resolve_class_map(names, class_map, root)
     items: list[SourceItem] = []
-    for class_dir in _class_dirs(root):
+    for class_dir in tree.subdirs(root):
         label = class_index(class_dir.name, names, mapping, "class folder", str(class_dir))
-        for path in images_under(class_dir):
-            rel = path.relative_to(root).as_posix()
-            items.append(SourceItem(SOURCE, str(path), rel, label))
+        for path in tree.files_under(class_dir, SUFFIXES):
+            items.append(SourceItem(SOURCE, str(path), tree.rel(path), label))
     return sorted(items, key=lambda item: item.rel_path)
 
 

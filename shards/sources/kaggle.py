@@ -10,12 +10,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from shards.sources.base import Slice, SourceError, SourceItem
-from shards.sources.folder import class_index, images_under, resolve_class_map
-from shards.sources.images import read_image_file
+from shards.sources.folder import class_index, resolve_class_map
+from shards.sources.images import IMAGE_SUFFIXES, read_image_file
+from shards.sources.walk import Tree, walk_tree
 
-__all__ = ["DEFAULT_CLASSES", "SPLIT_FOLDERS", "list_items", "load_item"]
+__all__ = ["DEFAULT_CLASSES", "LAYOUT", "SPLIT_FOLDERS", "SUFFIXES", "list_items", "load_item"]
 
 SOURCE = "kaggle"
+SUFFIXES = IMAGE_SUFFIXES
+LAYOUT = "Training/<class>/ or Testing/<class>/"
 DEFAULT_CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 # Folder name -> split hint; Training is split into train/val later, by the caller.
 SPLIT_FOLDERS: dict[str, str | None] = {"Training": None, "Testing": "test"}
@@ -26,6 +29,7 @@ def list_items(
     classes: Sequence[str],
     *,
     class_map: Mapping[str, str] | None = None,
+    tree: Tree | None = None,
 ) -> list[SourceItem]:
     """List the images of a Kaggle tree, sorted by relative path.
 
@@ -33,6 +37,7 @@ def list_items(
         root: Folder holding ``Training/`` (required) and ``Testing/`` (optional).
         classes: Known class names in label order; empty means :data:`DEFAULT_CLASSES`.
         class_map: Folder name to class name (e.g. ``{"no_tumor": "notumor"}``).
+        tree: The walk of ``root`` (:func:`~shards.sources.walk.walk_tree`), if already made.
 
     Returns:
         One item per image; ``split_hint`` is ``"test"`` under ``Testing/``.
@@ -48,19 +53,17 @@ def list_items(
             f"{root / 'Training'}: missing; a Kaggle tree has Training/<class>/ "
             "and Testing/<class>/ folders"
         )
+    tree = tree or walk_tree(root)
     items: list[SourceItem] = []
     for split_dir, hint in SPLIT_FOLDERS.items():
         base = root / split_dir
-        if not base.is_dir():
+        if base not in tree.dirs:
             continue
-        for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-            if class_dir.name.startswith("."):
-                continue
+        for class_dir in tree.subdirs(base):
             where = f"{split_dir}/{class_dir.name} in {root}"
             label = class_index(class_dir.name, names, mapping, "class folder", where)
-            for path in images_under(class_dir):
-                rel = path.relative_to(root).as_posix()
-                items.append(SourceItem(SOURCE, str(path), rel, label, split_hint=hint))
+            for path in tree.files_under(class_dir, SUFFIXES):
+                items.append(SourceItem(SOURCE, str(path), tree.rel(path), label, split_hint=hint))
     return sorted(items, key=lambda item: item.rel_path)
 
 

@@ -25,9 +25,12 @@ from nibabel.filebasedimages import ImageFileError
 from shards.sources.base import QuarantineError, Slice, SourceError, SourceItem
 from shards.sources.folder import class_index, resolve_class_map
 from shards.sources.images import axial_slice, select_slices
+from shards.sources.walk import Tree, walk_tree
 
 __all__ = [
     "DEFAULT_MAX_SLICES",
+    "LAYOUT",
+    "SUFFIXES",
     "LabelRow",
     "VolumeItem",
     "check_rows_match",
@@ -39,6 +42,8 @@ __all__ = [
 ]
 
 SOURCE = "nifti"
+SUFFIXES = (".nii", ".nii.gz")
+LAYOUT = "volumes listed in the labels table"
 DEFAULT_MAX_SLICES = 16
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError)
 
@@ -51,10 +56,13 @@ class VolumeItem(SourceItem):
         patient: Patient id from the labels table (or the file stem), None to read it from the
             file. Never stored or logged: it is kept out of ``repr``.
         max_slices: Most slices taken when no slices are listed (0: all with brain).
+        files: For a DICOM series, the names of the files in its folder that the listing
+            found (links outside the input tree excluded); None: every file in the folder.
     """
 
     patient: str | None = field(default=None, repr=False)
     max_slices: int = DEFAULT_MAX_SLICES
+    files: tuple[str, ...] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,27 @@ def _parse_slices(text: str, where: str) -> tuple[int, ...] | None:
         raise SourceError(f"{where}: slices {text!r} are not semicolon-separated integers") from exc
 
 
+def _cells(raw: dict, width: int, where: str) -> dict[str, str]:
+    """A table row's cells by lower-cased column name; a row of another width is an error.
+
+    ``csv.DictReader`` files extra cells under the key None and fills missing ones with None:
+    either would silently cut or invent a value, so both stop the ingest here.
+    """
+    extra = raw.get(None)
+    if extra:
+        raise SourceError(
+            f"{where}: {width + len(extra)} cells but the header names {width} columns "
+            "(a comma inside a value needs quotes)"
+        )
+    missing = [k for k, v in raw.items() if k is not None and v is None]
+    if missing:
+        raise SourceError(
+            f"{where}: {width - len(missing)} cells but the header names {width} columns "
+            "(leave a cell empty rather than out)"
+        )
+    return {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
+
+
 def read_labels_table(
     csv_path: Path,
     key_column: str,
@@ -95,8 +124,9 @@ def read_labels_table(
         One row per input, keys normalised to forward slashes.
 
     Raises:
-        SourceError: Missing file or columns, an empty or duplicate key, an unknown label or
-            bad slice list, each naming the file and row.
+        SourceError: Missing file or columns, a row with more or fewer cells than the header,
+            an empty or duplicate key, an unknown label or bad slice list, each naming the
+            file and line.
     """
     csv_path = Path(csv_path)
     if not classes:
@@ -104,30 +134,42 @@ def read_labels_table(
     if not csv_path.is_file():
         raise SourceError(f"{csv_path}: labels table not found (columns {key_column},label)")
     mapping = resolve_class_map(classes, class_map, csv_path)
-    with csv_path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        fields = [name.strip().lower() for name in reader.fieldnames or []]
-        missing = [col for col in (key_column, "label") if col not in fields]
-        if missing:
-            raise SourceError(
-                f"{csv_path}: missing column(s) {', '.join(missing)}; found {', '.join(fields)}"
-            )
-        rows: list[LabelRow] = []
-        seen: set[str] = set()
-        for number, raw in enumerate(reader, start=2):
-            cells = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
-            where = f"{csv_path} line {number}"
-            key = cells[key_column].replace("\\", "/").strip("/")
-            if not key:
-                raise SourceError(f"{where}: empty {key_column}")
-            if key in seen:
-                raise SourceError(f"{where}: {key_column} {key!r} is listed twice")
-            seen.add(key)
-            label = class_index(cells["label"], classes, mapping, "label", where)
-            patient = cells.get("patient") or None
-            rows.append(
-                LabelRow(key, label, patient, _parse_slices(cells.get("slices", ""), where))
-            )
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+            return _read_rows(csv.DictReader(fh), csv_path, key_column, classes, mapping)
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{csv_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except csv.Error as exc:
+        raise SourceError(f"{csv_path}: not a readable CSV table ({exc})") from exc
+
+
+def _read_rows(
+    reader: csv.DictReader,
+    csv_path: Path,
+    key_column: str,
+    classes: Sequence[str],
+    mapping: Mapping[str, str],
+) -> list[LabelRow]:
+    fields = [name.strip().lower() for name in reader.fieldnames or []]
+    missing = [col for col in (key_column, "label") if col not in fields]
+    if missing:
+        raise SourceError(
+            f"{csv_path}: missing column(s) {', '.join(missing)}; found {', '.join(fields)}"
+        )
+    rows: list[LabelRow] = []
+    seen: set[str] = set()
+    for raw in reader:
+        where = f"{csv_path} line {reader.line_num}"
+        cells = _cells(raw, len(fields), where)
+        key = cells[key_column].replace("\\", "/").strip("/")
+        if not key:
+            raise SourceError(f"{where}: empty {key_column}")
+        if key in seen:
+            raise SourceError(f"{where}: {key_column} {key!r} is listed twice")
+        seen.add(key)
+        label = class_index(cells["label"], classes, mapping, "label", where)
+        patient = cells.get("patient") or None
+        rows.append(LabelRow(key, label, patient, _parse_slices(cells.get("slices", ""), where)))
     return rows
 
 
@@ -163,6 +205,7 @@ def list_items(
     labels_csv: Path | None = None,
     class_map: Mapping[str, str] | None = None,
     max_slices_per_volume: int = DEFAULT_MAX_SLICES,
+    tree: Tree | None = None,
 ) -> list[VolumeItem]:
     """List the labelled NIfTI volumes under ``root``, sorted by relative path.
 
@@ -172,6 +215,7 @@ def list_items(
         labels_csv: The labels table; default ``root/labels.csv``.
         class_map: Table label to known class name.
         max_slices_per_volume: Most slices per volume when none are listed (0: all with brain).
+        tree: The walk of ``root`` (:func:`~shards.sources.walk.walk_tree`), if already made.
 
     Returns:
         One item per volume; ``patient`` from the table, else the file name without suffix.
@@ -184,11 +228,8 @@ def list_items(
         raise SourceError(f"{root}: input folder does not exist")
     csv_path = Path(labels_csv) if labels_csv is not None else root / "labels.csv"
     rows = read_labels_table(csv_path, "file", classes, class_map)
-    files = {
-        p.relative_to(root).as_posix(): p
-        for p in root.rglob("*")
-        if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz"))
-    }
+    tree = tree or walk_tree(root)
+    files = {tree.rel(p): p for p in tree.files_under(root, SUFFIXES)}
     check_rows_match(rows, list(files), csv_path, "volume file")
     items = [
         VolumeItem(
