@@ -41,10 +41,16 @@ from shards.loader import create_loader
 __all__ = ["CropFlip", "main"]
 
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+_SCALE_MEMBERS = ("cls", "npy", "xxh3")  # the checksum member covers json too, not written
 
 
 class CropFlip:
-    """Random crop and horizontal flip drawn from the sample's own seed (no RNG state)."""
+    """Random crop and horizontal flip drawn from the sample's own seed (no RNG state).
+
+    Works on float32 and on uint16 images (``create_loader(image_dtype="uint16")``); a uint16
+    image is flipped as int16 (the same bits), since torch's flip kernel is not vectorised for
+    uint16 (measured 121 us against 36 us for a 224x224 crop).
+    """
 
     def __init__(self, crop: int) -> None:
         self.crop = crop
@@ -54,7 +60,12 @@ class CropFlip:
         y = seed % (image.shape[-2] - c + 1)
         x = (seed >> 20) % (image.shape[-1] - c + 1)
         image = image[:, y : y + c, x : x + c]
-        sample["image"] = image.flip(-1) if (seed >> 40) & 1 else image
+        if (seed >> 40) & 1:
+            if image.dtype == torch.uint16:
+                image = image.view(torch.int16).flip(-1).view(torch.uint16)
+            else:
+                image = image.flip(-1)
+        sample["image"] = image
         return sample
 
 
@@ -81,7 +92,7 @@ def write_sets(root: Path, n: int, size: int, shard_size: int) -> tuple[Path, Pa
             if sink is not None:
                 sink.close()
             infos.append(ShardInfo(shard_name("train", len(infos)), "train", 0, ""))
-            sink = wds.TarWriter(str(shards / infos[-1].name))
+            sink = wds.TarWriter(str(shards / infos[-1].name), mtime=0)
         key = f"img_{i:07d}"
         sink.write(encode_sample(key, image, label, {"key": key}))
         infos[-1].count += 1
@@ -180,13 +191,13 @@ def write_scale_set(root: Path, n_shards: int, n_samples: int, size: int) -> Non
         image = np.zeros((size, size), np.uint16)
         for i in range(per):
             sample = encode_sample(f"s000000_{i:06d}", image, i % len(CLASSES), {})
-            for ext in ("npy", "cls"):
+            for ext in _SCALE_MEMBERS:
                 info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
                 info.size, info.mtime = len(sample[ext]), 0
                 tar.addfile(info, io.BytesIO(sample[ext]))
     template = np.frombuffer(buf.getvalue(), np.uint8)
     # Every member is one header block plus one data block (tiny payloads).
-    heads = np.arange(0, 2 * per * 2, 2) * 512
+    heads = np.arange(0, len(_SCALE_MEMBERS) * per * 2, 2) * 512
     digits = heads[:, None] + np.arange(1, 7)  # the "000000" after the leading "s"
     checks = heads[:, None] + np.arange(148, 156)
     base_sum = template[checks[:, :6]].astype(np.int64) - ord("0")
@@ -200,7 +211,7 @@ def write_scale_set(root: Path, n_shards: int, n_samples: int, size: int) -> Non
         total = base_sum + int(new.sum()) - 6 * ord("0")
         for j in range(6):  # six octal digits, then NUL and space, as tarfile writes them
             data[checks[:, j]] = (total >> (3 * (5 - j))) & 7 | ord("0")
-        end = 2 * count * 2 * 512
+        end = len(_SCALE_MEMBERS) * count * 2 * 512
         name = shard_name("train", s)
         (root / name).write_bytes(data[:end].tobytes() + bytes(1024))
         infos.append(ShardInfo(name, "train", count, ""))

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import webdataset as wds
 from tqdm import tqdm
 
+from shards.checksum import SAMPLE_CHECKSUM
 from shards.degrade import EVAL_EPOCH, DegradeConfig, degrade, sample_generator
 from shards.format import (
     MANIFEST_NAME,
@@ -46,7 +47,7 @@ from shards.format import (
     to_uint16,
     write_index,
 )
-from shards.loader import iter_shard
+from shards.shard_reader import Checksums, iter_shard
 from shards.writer import (
     ManifestRow,
     content_id,
@@ -82,8 +83,9 @@ def made_from(index: DatasetIndex, spec: EnhanceSpec) -> dict[str, str]:
         spec: The degradation, seed and SR model.
 
     Returns:
-        ``model``, ``source`` (its dataset id), ``source_shards``, ``degrade`` and ``seed``;
-        the set's fingerprint is :func:`srmri.fingerprint.fingerprint` of this.
+        ``model``, ``source`` (its dataset id), ``source_shards``, ``degrade``, ``seed`` and
+        ``sample_checksum`` (so an SR set written before samples carried checksums is made
+        again); the set's fingerprint is :func:`srmri.fingerprint.fingerprint` of this.
     """
     return {
         "model": spec.model_id,
@@ -91,6 +93,7 @@ def made_from(index: DatasetIndex, spec: EnhanceSpec) -> dict[str, str]:
         "source_shards": fingerprint([[i.name, i.sha256] for i in index.shards])[:32],
         "degrade": fingerprint(asdict(spec.degrade))[:32],
         "seed": str(spec.seed),
+        "sample_checksum": SAMPLE_CHECKSUM,
     }
 
 
@@ -157,10 +160,10 @@ def _set_aside_other(out: Path, parts: dict[str, str]) -> Path | None:
     return target
 
 
-def _batches(url: str, size: int) -> Iterator[list[RawSample]]:
-    """The raw samples of one shard, in order, in lists of ``size`` (the last may be short)."""
+def _batches(url: str, size: int, checksums: Checksums) -> Iterator[list[RawSample]]:
+    """The raw samples of one shard, checked, in lists of ``size`` (the last may be short)."""
     batch: list[RawSample] = []
-    for sample in iter_shard(url, 0, frozenset({"npy", "cls", "json"})):
+    for sample in iter_shard(url, 0, frozenset({"npy", "cls", "json"}), checksums=checksums):
         batch.append(sample)
         if len(batch) == size:
             yield batch
@@ -178,6 +181,7 @@ def _enhance_shard(
     *,
     device: torch.device,
     fp: str,
+    checksums: Checksums,
 ) -> list[ManifestRow]:
     """Write the SR copy of one shard into ``out``, then its ``.done`` record; returns its rows.
 
@@ -187,8 +191,8 @@ def _enhance_shard(
     """
     rows: list[ManifestRow] = []
     with atomic_path(out / info.name) as tmp:
-        with wds.TarWriter(str(tmp), mtime=0.0) as sink:
-            for batch in _batches(join_url(src, info.name), spec.batch_size):
+        with wds.TarWriter(str(tmp), mtime=0) as sink:
+            for batch in _batches(join_url(src, info.name), spec.batch_size, checksums):
                 for key, u16, label, meta in _enhance_batch(batch, model, spec, device):
                     sink.write(encode_sample(key, u16, label, meta))
                     rows.append(_row(key, label, meta, info, u16))
@@ -229,7 +233,7 @@ def _row(
     return ManifestRow(
         key=key,
         source=str(meta.get("source", "")),
-        source_path="",
+        input_id="",
         slice=meta.get("slice"),
         label=label,
         class_name=str(meta.get("class_name", "")),
@@ -295,8 +299,10 @@ def enhance(
         print(f"enhance: {len(mine) - len(todo)} finished shards kept, {len(todo)} to do")
     total = sum(i.count for i in todo)
     bar = tqdm(total=total, desc=f"enhance[{rank}]", unit="slice", disable=rank != 0 or None)
+    # The source's samples are checked as they are read (required where its index says so).
+    checksums: Checksums = "require" if index.sample_checksum else "if-present"
     for info in todo:
-        _enhance_shard(str(src), out, info, model, spec, device=device, fp=fp)
+        _enhance_shard(str(src), out, info, model, spec, device=device, fp=fp, checksums=checksums)
         bar.update(info.count)
     bar.close()
     _barrier(world_size)

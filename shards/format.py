@@ -5,11 +5,12 @@ A shard set is a folder (or URL prefix) holding::
     index.json          written last and atomically: its presence means the set is complete
     manifest.parquet    one row per input, quarantined ones included
     config.yaml         the resolved configuration that made the set
-    {split}-{i:06d}.tar WebDataset shards; one sample = {key}.npy, {key}.cls, {key}.json
+    {split}-{i:06d}.tar WebDataset shards; one sample = {key}.cls, .json, .npy, .xxh3
 
 ``{key}.npy`` is a 2-D uint16 array; intensity = value / 65535 in [0, 1] (after percentile
 normalisation). ``{key}.cls`` is the class index as ASCII. ``{key}.json`` holds metadata that is
-free of any patient identifier or header value.
+free of any patient identifier or header value. ``{key}.xxh3`` records a checksum of each of the
+other three (:mod:`shards.checksum`); readers verify them.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import dataclasses
 import io
 import json
 import os
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from shards.checksum import CHECKSUM_SUFFIX, SAMPLE_CHECKSUM, checksum_member
+from shards.http_stream import HttpSettings, read_url
 from srmri.atomic import atomic_path
 
 __all__ = [
@@ -82,6 +84,9 @@ class DatasetIndex:
     config: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     format: str = FORMAT
+    # The checksum every sample carries (encode_sample writes it); "" for a set written
+    # before samples carried checksums (its index.json has no such entry).
+    sample_checksum: str = SAMPLE_CHECKSUM
 
     def split_shards(self, split: str) -> list[ShardInfo]:
         """The shards of one split, in order."""
@@ -98,6 +103,7 @@ class DatasetIndex:
     def from_dict(cls, data: dict[str, Any]) -> DatasetIndex:
         data = dict(data)
         data["shards"] = [ShardInfo(**s) for s in data.get("shards", [])]
+        data.setdefault("sample_checksum", "")
         return cls(**data)
 
 
@@ -118,8 +124,15 @@ def join_url(root: str | Path, name: str) -> str:
     return str(Path(root) / name)
 
 
-def read_index(root: str | Path) -> DatasetIndex:
+def read_index(root: str | Path, http: HttpSettings | None = None) -> DatasetIndex:
     """Read ``index.json`` of a shard set at a local path or http(s) URL.
+
+    Args:
+        root: The set's folder or URL prefix.
+        http: Timeouts and retries for a URL (default :class:`HttpSettings`).
+
+    Returns:
+        The index.
 
     Raises:
         FileNotFoundError: If the set has no index (missing or never finished).
@@ -128,8 +141,7 @@ def read_index(root: str | Path) -> DatasetIndex:
     where = join_url(root, INDEX_NAME)
     if is_url(root):
         try:
-            with urllib.request.urlopen(where, timeout=30) as resp:
-                text = resp.read().decode()
+            text = read_url(where, http or HttpSettings()).decode()
         except OSError as exc:
             raise FileNotFoundError(f"{where}: cannot read shard index ({exc})") from exc
     else:
@@ -168,15 +180,26 @@ def from_uint16(image: np.ndarray) -> np.ndarray:
 
 
 def encode_sample(key: str, image_u16: np.ndarray, label: int, meta: dict[str, Any]) -> dict:
-    """The dict that ``webdataset.ShardWriter.write`` takes for one sample."""
+    """The dict that ``webdataset.ShardWriter.write`` takes for one sample, checksum included.
+
+    Args:
+        key: The sample's key.
+        image_u16: The 2-D uint16 image.
+        label: Class index.
+        meta: JSON-able metadata.
+
+    Returns:
+        ``{"__key__", "cls", "json", "npy", "xxh3"}``; write it with an integer ``mtime``
+        (``TarWriter(..., mtime=0)``), since a float one adds a pax header to every member.
+    """
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(image_u16, dtype=np.uint16), allow_pickle=False)
-    return {
-        "__key__": key,
+    members = {
         "npy": buf.getvalue(),
         "cls": str(int(label)).encode(),
         "json": json.dumps(meta, sort_keys=True).encode(),
     }
+    return {"__key__": key, **members, CHECKSUM_SUFFIX: checksum_member(members)}
 
 
 def decode_image(data: bytes) -> np.ndarray:

@@ -4,6 +4,11 @@ These are the data plane's contract with whatever trains on it: every key a tran
 and every key a training step may read is listed here, with its type and meaning. A transform
 (run inside the loader's workers) receives a :class:`Sample` and may replace ``image`` or add
 keys of its own (the trainer's are in :mod:`trainer.batch`).
+
+A uint16 tensor always holds stored intensities (intensity = value / 65535): whatever uint16
+tensor a sample holds after the transform arrives in the batch as float32 in [0, 1]. So a
+transform given uint16 images (``create_loader(image_dtype="uint16")``) that only selects
+pixels (crop, flip) never converts them itself, and the loader converts once per batch.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ class Sample(TypedDict, total=False):
 
     Keys:
         key: The sample's key in the shard set (a keyed hash, never a path).
-        image: The stored (high-resolution) slice, float ``[1,H,W]`` in ``[0, 1]``.
+        image: The stored (high-resolution) slice, float32 ``[1,H,W]`` in ``[0, 1]``; with
+            ``image_dtype="uint16"`` the stored uint16 values instead.
         label: Class index into the shard set's ``classes`` (-1 where a set has no labels).
         valid: False for the padding an eval loader adds so that every rank runs the same
             number of steps; padded samples must not be counted.
@@ -28,7 +34,8 @@ class Sample(TypedDict, total=False):
             sample (augmentation, degradation) comes from it, which makes resume exact.
         epoch: The epoch the sample is drawn for (a fixed eval epoch in eval mode).
         aligned: Images of the same key from the aligned shard sets (e.g. SR-enhanced), each
-            ``[1,H,W]``, in the order the loader was given their roots.
+            ``[1,H,W]`` of the same dtype as ``image``, in the order the loader was given
+            their roots.
     """
 
     key: str
@@ -45,7 +52,7 @@ class Batch(TypedDict, total=False):
 
     Keys:
         key: The samples' keys, ``list[str]`` of length ``B``.
-        image: ``[B,1,H,W]`` float.
+        image: ``[B,1,H,W]`` float32 (uint16 in the samples: converted, value / 65535).
         label: ``int64[B]``.
         valid: ``bool[B]``; False marks eval padding.
         seed: ``int64[B]`` per-sample seeds.

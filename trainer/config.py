@@ -38,7 +38,8 @@ __all__ = [
 
 # Keys that cannot change what a run computes, left out of its config fingerprint and free to
 # differ on resume: where the run lives (``out_dir``, ``name``; the shard sets' paths
-# ``data.root``/``data.sr_root``, since the sets themselves are compared by their ids), how
+# ``data.root``/``data.sr_root``, since the sets themselves are compared by their ids, and how
+# long an http read may wait, since every sample is checked against its checksum), how
 # often it logs, how it finds its checkpoint, and which checkpoints it writes and keeps. Not
 # here, because each changes the numbers: ``data.num_workers`` (the loader splits an epoch's
 # batches into one block per worker, each shuffled on its own), ``train.device``,
@@ -48,6 +49,9 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "name",
     "data.root",
     "data.sr_root",
+    "data.http_connect_timeout",
+    "data.http_read_timeout",
+    "data.http_retries",
     "train.log_every",
     "train.resume",
     "checkpoint",
@@ -76,6 +80,10 @@ class DataConfig:
         train_split: Split trained on.
         val_split: Split validated on each epoch.
         shuffle_chunk: Shuffle buffer of the loader, in samples.
+        http_connect_timeout: Seconds to wait for a connection to an http(s) shard server.
+        http_read_timeout: Seconds an http(s) shard read may wait for data before retrying.
+        http_retries: Times one shard stream is re-opened (at the byte reached) after a stall
+            or a broken connection before the run stops with an error naming the URL.
     """
 
     root: str = ""
@@ -89,6 +97,9 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     shuffle_chunk: int = 256
+    http_connect_timeout: float = 10.0
+    http_read_timeout: float = 60.0
+    http_retries: int = 3
 
     def check(self) -> None:
         require(bool(self.root), "data.root", "set the shard set to train on (data.root=PATH)")
@@ -101,6 +112,10 @@ class DataConfig:
         require(self.eval_batch_size >= 0, "data.eval_batch_size", "must be >= 0 (0: batch_size)")
         require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         require(self.shuffle_chunk >= 1, "data.shuffle_chunk", "must be >= 1")
+        for name in ("http_connect_timeout", "http_read_timeout"):
+            value = getattr(self, name)
+            require(value > 0, f"data.{name}", f"must be > 0 seconds, got {value}")
+        require(self.http_retries >= 0, "data.http_retries", "must be >= 0")
 
     @property
     def eval_batch(self) -> int:
