@@ -3,7 +3,9 @@
 On a terminal it is tqdm's bar, redrawn in place. Anywhere else (a log file, a pipe, Slurm's
 output file) every redraw of a bar would stay in the file as one more carriage-return frame,
 so there the same calls print one plain line per interval instead (``desc: n/total (pct)
-key=value ...``), and a last one when the work ends. Both write to standard error, as tqdm does.
+key=value ...``): every ``LOG_INTERVAL_S`` seconds, at each :meth:`LineProgress.refresh` (the
+trainer's ``train.log_every`` steps), and a last one when the work ends. Both write to
+standard error, as tqdm does.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class Progress(Protocol):
     def update(self, n: int = 1) -> Any: ...
 
     def set_postfix(self, **values: Any) -> Any: ...
+
+    def refresh(self) -> Any: ...
 
     def close(self) -> Any: ...
 
@@ -74,6 +78,10 @@ class LineProgress:
     def set_postfix(self, **values: Any) -> None:
         """Values shown at the end of the next line (loss, learning rate, ...)."""
         self.postfix = dict(values)
+
+    def refresh(self) -> None:
+        """Print a line now (the trainer calls it at each of its log intervals)."""
+        self._print()
 
     def close(self) -> None:
         """Print the last line (once, and only if the count moved since the line before)."""

@@ -602,6 +602,7 @@ def _log_train(run: Run, progress: _EpochProgress, bar: Progress) -> None:
     rate = progress.samples * run.info.world_size / (time.perf_counter() - progress.start)
     loss, lr = progress.mean(st.micro), run.schedule.lr()
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
+    bar.refresh()  # in a log file: one line per log interval
     logs = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}
     run.rundir.log_scalars(st.step, logs)
 
