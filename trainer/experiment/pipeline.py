@@ -148,20 +148,24 @@ def _move_aside(path: Path, old: str) -> Path | None:
     return target
 
 
+def _work(stages: Stages, stage: Stage) -> None:
+    """Run the stage's work (on rank 0 only for a main-only stage), then wait for every rank."""
+    if not stage.main_only or stages.is_main:
+        stage.work()
+    _barrier()
+
+
 def _run_stage(stages: Stages, stage: Stage) -> None:
-    """Skip, resume or (after moving a stale output aside) run one stage."""
+    """Skip, check, resume or (after moving a stale output aside) run one stage."""
     before = stages.get(stage.name)
-    if before is not None and before.fingerprint == stage.fingerprint:
-        if before.status == "done" and stage.always:
-            print0(f"[pipeline] {stage.name}: done before ({stage.fingerprint[:10]}), checking")
-            if not stage.main_only or stages.is_main:
-                stage.work()
-            _barrier()
-            return
-        if before.status == "done":
-            print0(f"[pipeline] {stage.name}: done before ({stage.fingerprint[:10]}), skipped")
-            return
-    elif before is not None:
+    same = before is not None and before.fingerprint == stage.fingerprint
+    if same and before.status == "done":
+        verb = "checking" if stage.always else "skipped"
+        print0(f"[pipeline] {stage.name}: done before ({stage.fingerprint[:10]}), {verb}")
+        if stage.always:
+            _work(stages, stage)
+        return
+    if before is not None and not same:
         # Another config made what is there: continuing from it would keep stale weights.
         moved = _move_aside(stage.output, before.fingerprint) if stages.is_main else None
         _barrier()
@@ -172,9 +176,7 @@ def _run_stage(stages: Stages, stage: Stage) -> None:
         )
     print0(f"[pipeline] {stage.name}: running")
     stages.mark(stage, "started")
-    if not stage.main_only or stages.is_main:
-        stage.work()
-    _barrier()
+    _work(stages, stage)
     stages.mark(stage, "done")
 
 
