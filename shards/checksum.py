@@ -23,11 +23,24 @@ __all__ = [
     "CorruptSampleError",
     "check_sample",
     "checksum_member",
+    "payload_digest",
 ]
 
 SAMPLE_CHECKSUM = "xxh3_64"  # recorded in index.json; "" marks a set written before checksums
 CHECKSUM_SUFFIX = "xxh3"
 _digest = xxhash.xxh3_64_hexdigest
+
+
+def payload_digest(data: bytes | bytearray | memoryview) -> str:
+    """The XXH3-64 hex digest of one member's bytes (what its ``.xxh3`` line records).
+
+    Args:
+        data: A member's payload.
+
+    Returns:
+        16 hex digits.
+    """
+    return _digest(data)
 
 
 class CorruptSampleError(ValueError):

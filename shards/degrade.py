@@ -29,8 +29,10 @@ Conventions, shared by every function here:
   the degradation and the model must see them.
 
 Determinism: every random draw comes from a :class:`torch.Generator` seeded by
-:func:`sample_seed` from (seed, epoch, sample key), so a resumed run needs no RNG state.
-Evaluation uses ``epoch=EVAL_EPOCH`` (-1), giving the same LR image for a key in every epoch.
+:func:`sample_seed` from (seed, epoch, the sample's payload digest), so a resumed run needs no
+RNG state. Evaluation uses ``epoch=EVAL_EPOCH`` (-1), giving the same LR image for a sample in
+every epoch. The digest, not the key, names the sample here: a real source's key is a keyed
+hash of the local ingest secret, and draws seeded from it would differ between machines.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from srmri.config import require
 
 __all__ = [
     "EVAL_EPOCH",
+    "SAMPLE_DRAWS",
     "DegradeConfig",
     "bicubic_down",
     "bicubic_up",
@@ -63,6 +66,11 @@ __all__ = [
 
 EVAL_EPOCH: Final = -1
 """The epoch passed to :func:`sample_seed` for evaluation, so its degradation never changes."""
+
+SAMPLE_DRAWS = "payload-digest-v1"
+"""What names a sample to :func:`sample_seed`: its payload digest. Recorded by every artefact
+whose numbers depend on the per-sample draws (checkpoints, SR sets, pipeline stages), so that
+one made when draws were seeded from keys (recorded as "") is not continued or reused."""
 
 Window = Literal["none", "tukey", "hamming"]
 
@@ -425,44 +433,45 @@ def upsample_to(
     raise ValueError(f"upsample_to: method must be bicubic or zero_fill, got {method!r}")
 
 
-def sample_seed(seed: int, epoch: int, key: str) -> int:
+def sample_seed(seed: int, epoch: int, name: str) -> int:
     """A stable 63-bit seed for one sample in one epoch (sha256, not Python's salted hash()).
 
     Args:
         seed: The run's seed.
         epoch: The epoch, or :data:`EVAL_EPOCH` for evaluation.
-        key: The sample's key.
+        name: What names the sample: its payload digest (:attr:`shards.sample.Sample.digest`),
+            optionally with a suffix that separates kinds of draws.
 
     Returns:
         An int in ``[0, 2**63)``, the same in every process and on every machine.
 
     Raises:
-        ValueError: If seed or epoch is not an int or key is not a str.
+        ValueError: If seed or epoch is not an int or name is not a str.
     """
-    for name, value in (("seed", seed), ("epoch", epoch)):
+    for field, value in (("seed", seed), ("epoch", epoch)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"sample_seed: {name} must be an int, got {value!r}")
-    if not isinstance(key, str):
-        raise ValueError(f"sample_seed: key must be a str, got {type(key).__name__}")
-    # JSON keeps the three fields apart whatever the key contains (no "1:2" + "3" collisions).
-    digest = hashlib.sha256(json.dumps([seed, epoch, key]).encode("utf-8")).digest()
+            raise ValueError(f"sample_seed: {field} must be an int, got {value!r}")
+    if not isinstance(name, str):
+        raise ValueError(f"sample_seed: name must be a str, got {type(name).__name__}")
+    # JSON keeps the three fields apart whatever the name contains (no "1:2" + "3" collisions).
+    digest = hashlib.sha256(json.dumps([seed, epoch, name]).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
 def sample_generator(
-    seed: int, epoch: int, key: str, device: str | torch.device = "cpu"
+    seed: int, epoch: int, name: str, device: str | torch.device = "cpu"
 ) -> torch.Generator:
     """A :class:`torch.Generator` on ``device`` seeded with :func:`sample_seed`.
 
     Args:
         seed: The run's seed.
         epoch: The epoch, or :data:`EVAL_EPOCH` for evaluation.
-        key: The sample's key.
+        name: What names the sample (see :func:`sample_seed`).
         device: Where the generator draws (``cpu`` works for any image device).
 
     Returns:
         The seeded generator.
     """
     generator = torch.Generator(device=device)
-    generator.manual_seed(sample_seed(seed, epoch, key))
+    generator.manual_seed(sample_seed(seed, epoch, name))
     return generator

@@ -1,9 +1,9 @@
 """``shards enhance``: super-resolve every sample of a shard set into a key-aligned SR set.
 
-Each HR image is degraded with the same deterministic per-key degradation the classifier's
-``lr`` input uses in evaluation (``sample_generator(seed, EVAL_EPOCH, key)``), then passed through
-the SR model. The output has the same shard names, sample order and keys as the input, so the
-loader can read it as an aligned root. Under torchrun each rank takes a disjoint set of shards.
+Each HR image is degraded with the same deterministic per-sample degradation the classifier's
+``lr`` input uses in evaluation (``sample_generator(seed, EVAL_EPOCH, digest)``), then passed
+through the SR model. The output has the same shard names, sample order and keys as the input, so
+the loader can read it as an aligned root. Under torchrun each rank takes a disjoint set of shards.
 A finished shard gets a ``.done`` record (count, sha256 and the fingerprint of what made it);
 a re-run skips shards whose record matches, and ``index.json`` is written last, by rank 0, once
 every shard is done.
@@ -32,8 +32,14 @@ import torch.distributed as dist
 import webdataset as wds
 from tqdm import tqdm
 
-from shards.checksum import SAMPLE_CHECKSUM
-from shards.degrade import EVAL_EPOCH, DegradeConfig, degrade, sample_generator
+from shards.checksum import SAMPLE_CHECKSUM, payload_digest
+from shards.degrade import (
+    EVAL_EPOCH,
+    SAMPLE_DRAWS,
+    DegradeConfig,
+    degrade,
+    sample_generator,
+)
 from shards.format import (
     MANIFEST_NAME,
     DatasetIndex,
@@ -83,9 +89,10 @@ def made_from(index: DatasetIndex, spec: EnhanceSpec) -> dict[str, str]:
         spec: The degradation, seed and SR model.
 
     Returns:
-        ``model``, ``source`` (its dataset id), ``source_shards``, ``degrade``, ``seed`` and
+        ``model``, ``source`` (its dataset id), ``source_shards``, ``degrade``, ``seed``,
         ``sample_checksum`` (so an SR set written before samples carried checksums is made
-        again); the set's fingerprint is :func:`srmri.fingerprint.fingerprint` of this.
+        again) and ``sample_draws`` (so is one whose LR inputs were seeded from keys); the
+        set's fingerprint is :func:`srmri.fingerprint.fingerprint` of this.
     """
     return {
         "model": spec.model_id,
@@ -94,6 +101,7 @@ def made_from(index: DatasetIndex, spec: EnhanceSpec) -> dict[str, str]:
         "degrade": fingerprint(asdict(spec.degrade))[:32],
         "seed": str(spec.seed),
         "sample_checksum": SAMPLE_CHECKSUM,
+        "sample_draws": SAMPLE_DRAWS,
     }
 
 
@@ -213,8 +221,9 @@ def _enhance_batch(
     """Degrade and super-resolve a batch; yields ``(key, uint16 SR image, label, meta)``."""
     hr = [torch.from_numpy(from_uint16(decode_image(p["npy"])))[None] for _, p in batch]
     lr = []
-    for (key, _), image in zip(batch, hr):
-        gen = sample_generator(spec.seed, EVAL_EPOCH, key)
+    for (_, parts), image in zip(batch, hr):
+        # Seeded from the payload's digest, as the loader seeds a sample's draws.
+        gen = sample_generator(spec.seed, EVAL_EPOCH, payload_digest(parts["npy"]))
         lr.append(degrade(image, spec.degrade, gen)[0])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.batch_ring import Packed, RingWriter, finish
-from shards.checksum import CHECKSUM_SUFFIX, check_sample
+from shards.checksum import CHECKSUM_SUFFIX, check_sample, payload_digest
 from shards.collate import Collator, fresh_alloc
 from shards.format import ShardInfo, decode_image, join_url
 from shards.http_stream import HttpSettings
@@ -191,21 +191,23 @@ class PlanDataset(IterableDataset):
         if "cls" not in parts[0]:
             raise ValueError(f"sample {key!r} has no .cls (has {sorted(parts[0])})")
         images = [self._image(p, key) for p in parts]
+        digest = payload_digest(parts[0]["npy"])
         sample: Sample = {
             "key": key,
             "image": images[0],
             "label": int(parts[0]["cls"]),
             "valid": valid,
-            "seed": self._seed_of(key),
+            "digest": digest,
+            "seed": self._seed_of(digest),
             "epoch": self.sample_epoch,
             "aligned": images[1:],
         }
         return self.s.transform(sample) if self.s.transform is not None else sample
 
-    def _seed_of(self, key: str) -> int:
-        """:func:`shards.degrade.sample_seed` of ``key`` (tests check they agree), without
-        ``json.dumps`` of a list per sample: only the key is encoded, as ``json`` would."""
-        text = f"[{self.s.seed}, {self.sample_epoch}, {encode_basestring_ascii(key)}]"
+    def _seed_of(self, name: str) -> int:
+        """:func:`shards.degrade.sample_seed` of ``name`` (tests check they agree), without
+        ``json.dumps`` of a list per sample: only the name is encoded, as ``json`` would."""
+        text = f"[{self.s.seed}, {self.sample_epoch}, {encode_basestring_ascii(name)}]"
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & _SEED_MASK
 
     def _image(self, parts: dict[str, bytes], key: str) -> torch.Tensor:

@@ -30,7 +30,11 @@ class Sample(TypedDict, total=False):
         label: Class index into the shard set's ``classes`` (-1 where a set has no labels).
         valid: False for the padding an eval loader adds so that every rank runs the same
             number of steps; padded samples must not be counted.
-        seed: A per-sample seed derived from (run seed, epoch, key); every random draw of the
+        digest: XXH3-64 hex digest of the stored image payload (the ``.npy`` member): what the
+            sample holds, not what it is called. Every per-sample random draw is seeded from
+            it, never from the key: a real source's key is a keyed hash made with the local
+            ingest secret, so draws seeded from keys would differ from one machine to the next.
+        seed: A per-sample seed derived from (run seed, epoch, digest); every random draw of the
             sample (augmentation, degradation) comes from it, which makes resume exact.
         epoch: The epoch the sample is drawn for (a fixed eval epoch in eval mode).
         aligned: Images of the same key from the aligned shard sets (e.g. SR-enhanced), each
@@ -42,6 +46,7 @@ class Sample(TypedDict, total=False):
     image: torch.Tensor
     label: int
     valid: bool
+    digest: str
     seed: int
     epoch: int
     aligned: list[torch.Tensor]
@@ -55,6 +60,7 @@ class Batch(TypedDict, total=False):
         image: ``[B,1,H,W]`` float32 (uint16 in the samples: converted, value / 65535).
         label: ``int64[B]``.
         valid: ``bool[B]``; False marks eval padding.
+        digest: The samples' payload digests, ``list[str]`` of length ``B``.
         seed: ``int64[B]`` per-sample seeds.
         epoch: ``int64[B]``.
         aligned: Collated aligned images, one ``[B,1,H,W]`` tensor per aligned root (absent
@@ -65,6 +71,7 @@ class Batch(TypedDict, total=False):
     image: torch.Tensor
     label: torch.Tensor
     valid: torch.Tensor
+    digest: list[str]
     seed: torch.Tensor
     epoch: torch.Tensor
     aligned: list[torch.Tensor]

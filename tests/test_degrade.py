@@ -268,7 +268,7 @@ def test_bad_input_errors_are_clear() -> None:
         rician_noise(img, -0.1, torch.Generator())
     with pytest.raises(ValueError, match=r"need a generator"):
         degrade(img, DegradeConfig(noise_sigma=0.1), None)
-    with pytest.raises(ValueError, match=r"key must be a str"):
+    with pytest.raises(ValueError, match=r"name must be a str"):
         sample_seed(0, 0, 3)  # type: ignore[arg-type]
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from helpers import make_shard_set, run_distributed
 
+from shards.checksum import payload_digest
 from shards.degrade import sample_seed
 from shards.format import decode_image
 from shards.loader import ShardLoader, create_loader
@@ -174,15 +175,30 @@ def test_transform_sees_per_sample_seed(shard_root: Path) -> None:
     for loader in (plain, marked):
         loader.set_epoch(1)
     for a, b in zip(plain, marked):
-        assert a["key"] == b["key"]
-        for i, key in enumerate(b["key"]):
-            assert b["seen_seed"][i].item() == b["seed"][i].item() == sample_seed(5, 1, key)
-            want = a["image"][i].flip(-1) if sample_seed(5, 1, key) % 2 else a["image"][i]
+        assert a["key"] == b["key"] and a["digest"] == b["digest"]
+        for i, digest in enumerate(b["digest"]):
+            # seeded by what the sample holds: its payload's digest, not its key
+            assert digest == payload_digest(_npy_of(shard_root, b["key"][i]))
+            assert b["seen_seed"][i].item() == b["seed"][i].item() == sample_seed(5, 1, digest)
+            want = a["image"][i].flip(-1) if sample_seed(5, 1, digest) % 2 else a["image"][i]
             assert torch.equal(b["image"][i], want)
     evals = [create_loader(shard_root, "val", 8, mode="eval", seed=5) for _ in range(2)]
     evals[1].set_epoch(4)
-    seeds = [next(iter(e))["seed"].tolist() for e in evals]
-    assert seeds[0] == seeds[1] == [sample_seed(5, -1, f"toy_{21 + i:06d}") for i in range(7)]
+    batches = [next(iter(e)) for e in evals]
+    assert batches[0]["seed"].tolist() == batches[1]["seed"].tolist()
+    assert batches[0]["seed"].tolist() == [sample_seed(5, -1, d) for d in batches[0]["digest"]]
+
+
+def _npy_of(root: Path, key: str) -> bytes:
+    """The stored ``.npy`` payload of ``key`` (read with tarfile, not the loader)."""
+    import tarfile
+
+    for shard in sorted(root.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name == f"{key}.npy":
+                    return tar.extractfile(member).read()
+    raise KeyError(key)
 
 
 def test_aligned_roots(shard_root: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from input_trees import make_kaggle_tree
 from planted_trees import PLANTED_SOURCES, TOKENS, make_planted_tree
 
@@ -173,3 +174,32 @@ def test_redact_takes_every_name_out_of_a_reason():
         "bad: (detail withheld: it would name the input)"
     )
     assert redact("no_slices", paths, names) == "no_slices"
+
+
+def test_per_sample_draws_do_not_depend_on_the_secret(tmp_path, monkeypatch):
+    # The LR degradation and the augmentation of each sample are seeded from its payload's
+    # digest: seeded from the key (a keyed hash of the secret) they gave another training run
+    # on every machine that ingested the same scans.
+    from shards.degrade import DegradeConfig
+    from shards.loader import create_loader
+    from trainer.augment import AugmentConfig, create_augmentation
+    from trainer.inputs import InputTransform
+
+    inp = tmp_path / "kaggle"
+    make_kaggle_tree(inp, per_class=6)
+    run("kaggle", inp, tmp_path / "a", [], "split.val_fraction=0.3")
+    monkeypatch.setenv("SRMRI_SECRET_FILE", str(tmp_path / "other" / "secret.key"))
+    run("kaggle", inp, tmp_path / "b", [], "split.val_fraction=0.3")
+    batches = {}
+    for name in ("a", "b"):
+        lr = InputTransform(
+            "lr", DegradeConfig(scale=2, noise_sigma=0.02), "bicubic", 3, train=True,
+            augmentation=create_augmentation(AugmentConfig()),
+        )  # fmt: skip
+        loader = create_loader(tmp_path / name, "train", 4, mode="train", seed=3, transform=lr)
+        loader.set_epoch(1)
+        batches[name] = list(loader)
+    assert len(batches["a"]) == len(batches["b"]) > 1
+    for a, b in zip(batches["a"], batches["b"]):
+        assert a["key"] != b["key"] and a["digest"] == b["digest"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])

@@ -154,6 +154,21 @@ def test_resume_on_other_data_or_class_order_is_refused(
     assert status == 0 and "resumed from" in out, err
 
 
+def test_a_checkpoint_whose_draws_were_seeded_from_keys_is_not_continued(
+    finished: Path, shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before SAMPLE_DRAWS, augmentation and LR draws came from keys: another run's numbers.
+    run = _copy(finished, tmp_path)
+    for marker in (run / "checkpoints").glob("step-*/complete.json"):
+        data = json.loads(marker.read_text())
+        data.pop("sample_draws")
+        marker.write_text(json.dumps(data))
+    before = _files(run)
+    status, _, err = _fit(capsys, f"data.root={shards}", f"out_dir={tmp_path}", "name=base")
+    assert status == 2 and "per-sample draws: 'seeded from sample keys' ->" in err, err
+    assert _files(run) == before
+
+
 def test_resume_never_starts_the_run_over_with_the_new_settings(
     finished: Path, shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

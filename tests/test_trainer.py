@@ -205,7 +205,8 @@ def test_inputs_lr_is_fixed_in_eval_and_varies_in_train() -> None:
     cfg = DegradeConfig(scale=2, noise_sigma=0.02)
 
     def sample(epoch: int) -> dict:
-        return {"key": "k1", "image": img.clone(), "epoch": epoch, "aligned": [img * 0.5]}
+        image = img.clone()
+        return {"key": "k1", "digest": "d1", "image": image, "epoch": epoch, "aligned": [img * 0.5]}
 
     ev = InputTransform("lr", cfg, "bicubic", 0, train=False)
     a, b = ev(sample(0))["image"], ev(sample(3))["image"]

@@ -89,6 +89,8 @@ class CheckpointMarker:
         sr_dataset: For ``sr``/``lr+sr`` inputs, the SR shard set's id and the model and
             settings that made it; "" otherwise.
         threads: Torch CPU threads the run computed with (0 when not recorded).
+        sample_draws: :data:`shards.degrade.SAMPLE_DRAWS` of the run ("" in checkpoints made
+            when per-sample draws were seeded from keys).
         early_stopped: Whether early stopping ended the run at this (epoch-end) checkpoint.
     """
 
@@ -103,6 +105,7 @@ class CheckpointMarker:
     dataset_id: str = ""
     sr_dataset: str = ""
     threads: int = 0
+    sample_draws: str = ""
     early_stopped: bool = False
 
 
@@ -143,6 +146,7 @@ def read_info(path: Path) -> CheckpointInfo:
             dataset_id=str(data.get("dataset_id", "")),
             sr_dataset=str(data.get("sr_dataset", "")),
             threads=int(data.get("threads", 0)),
+            sample_draws=str(data.get("sample_draws", "")),
             early_stopped=bool(data.get("early_stopped", False)),
         )
     except (ValueError, KeyError, TypeError) as exc:

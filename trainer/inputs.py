@@ -3,8 +3,9 @@
 * ``hr``: the stored image.
 * ``lr``: the stored image degraded (:func:`shards.degrade.degrade`) and brought back to the
   stored size (:func:`shards.degrade.upsample_to`). Training draws a new degradation per epoch
-  from ``(seed, epoch, key)``; evaluation uses ``epoch = EVAL_EPOCH``, so a key always gets the
-  same LR image (the same one ``shards enhance`` starts from when it uses the run's seed).
+  from ``(seed, epoch, digest)`` (the sample's payload digest, never its key, which depends on
+  the ingest secret); evaluation uses ``epoch = EVAL_EPOCH``, so a sample always gets the same
+  LR image (the same one ``shards enhance`` starts from when it uses the run's seed).
 * ``sr``: the key-aligned image of the enhanced shard set (``aligned_roots=[sr_root]``).
 * ``lr+sr``: training emits both, ``image`` (LR) and ``image2`` (SR); the task concatenates
   them along the batch so each step trains on both as separate samples (the paper's setting)
@@ -13,7 +14,7 @@
   sample counted once" literally true.
 
 Augmentation (train only) runs after input selection, with its own generator from
-``(seed, epoch, key + "#augment")`` so it never shares draws with the degradation. Adding an
+``(seed, epoch, digest + "#augment")`` so it never shares draws with the degradation. Adding an
 input kind means changing this file and :mod:`trainer.input_kind` (which lists the kinds and
 says which read the SR shard set); the loop never sees which one is in use.
 """
@@ -79,8 +80,8 @@ class InputTransform:
     def _epoch(self, sample: Sample) -> int:
         return int(sample["epoch"]) if self.train else EVAL_EPOCH
 
-    def _lr(self, image: torch.Tensor, key: str, epoch: int) -> torch.Tensor:
-        generator = sample_generator(self.seed, epoch, key)
+    def _lr(self, image: torch.Tensor, name: str, epoch: int) -> torch.Tensor:
+        generator = sample_generator(self.seed, epoch, name)
         small, _ = degrade(image, self.degrade_cfg, generator)
         return upsample_to(small, (image.shape[-2], image.shape[-1]), self.upsample)
 
@@ -93,10 +94,10 @@ class InputTransform:
             )
         return aligned[0]
 
-    def _augment(self, image: torch.Tensor, key: str, epoch: int, tag: str) -> torch.Tensor:
+    def _augment(self, image: torch.Tensor, name: str, epoch: int, tag: str) -> torch.Tensor:
         if self.augmentation is None:
             return image
-        return self.augmentation(image, sample_generator(self.seed, epoch, f"{key}#augment{tag}"))
+        return self.augmentation(image, sample_generator(self.seed, epoch, f"{name}#augment{tag}"))
 
     def __call__(self, loaded: Sample) -> TaskSample:
         """Replace ``image`` by the selected input (and add ``image2`` for lr+sr in training).
@@ -108,18 +109,18 @@ class InputTransform:
             The same record as a :class:`trainer.batch.TaskSample`.
         """
         sample = cast(TaskSample, loaded)
-        key = str(sample["key"])
+        name = sample["digest"]  # seeds from content, never the key (see shards.Sample)
         epoch = self._epoch(sample)
         hr = sample["image"]
         if self.inputs == "hr":
             image = hr
         elif self.inputs == "lr":
-            image = self._lr(hr, key, epoch)
+            image = self._lr(hr, name, epoch)
         elif self.inputs == "sr" or not self.train:
             image = self._sr(sample)
         else:  # lr+sr in training: two samples per key
-            image = self._lr(hr, key, epoch)
-            sample["image2"] = self._augment(self._sr(sample), key, epoch, "2").contiguous()
-        sample["image"] = self._augment(image, key, epoch, "").contiguous()
+            image = self._lr(hr, name, epoch)
+            sample["image2"] = self._augment(self._sr(sample), name, epoch, "2").contiguous()
+        sample["image"] = self._augment(image, name, epoch, "").contiguous()
         sample.pop("aligned", None)  # consumed; no need to collate it
         return sample

@@ -25,6 +25,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from shards.degrade import SAMPLE_DRAWS
 from shards.format import read_index
 from shards.http_stream import HttpSettings
 from shards.loader import ShardLoader, create_loader
@@ -376,6 +377,7 @@ def _save(run: Run, epoch_end: bool, metric: float | None) -> Path:
         dataset_id=run.identity.dataset_id if run.identity else "",
         sr_dataset=run.identity.sr_dataset if run.identity else "",
         threads=run.cfg.train.threads,
+        sample_draws=SAMPLE_DRAWS,
         early_stopped=epoch_end and 0 < patience <= st.bad_epochs,
     )
     path = save_checkpoint(

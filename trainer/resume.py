@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from shards.degrade import SAMPLE_DRAWS
 from shards.format import DatasetIndex, read_index
 from srmri.config import ConfigError
 from srmri.fingerprint import Difference, config_fingerprint, describe, differences, fingerprint
@@ -142,6 +143,9 @@ def _refused(
         out.append(Difference("data set id (data.root)", found.dataset_id, identity.dataset_id))
     if recorded and found.sr_dataset != identity.sr_dataset:
         out.append(Difference("SR set (data.sr_root)", found.sr_dataset, identity.sr_dataset))
+    if found.sample_draws != SAMPLE_DRAWS:  # its augmentation and LR draws were other ones
+        was = found.sample_draws or "seeded from sample keys"
+        out.append(Difference("per-sample draws", was, SAMPLE_DRAWS))
     return out
 
 

@@ -71,7 +71,7 @@ class SRPairTransform:
         sample = cast(TaskSample, loaded)
         hr = sample["image"]
         epoch = sample["epoch"] if self.train else EVAL_EPOCH
-        gen = sample_generator(self.seed, epoch, sample["key"])
+        gen = sample_generator(self.seed, epoch, sample["digest"])  # content, not the key
         lr, s = degrade(hr, self.degrade_cfg, gen)
         h, w = lr.shape[-2:]
         if self.train:

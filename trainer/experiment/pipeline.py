@@ -29,6 +29,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from shards.degrade import SAMPLE_DRAWS
 from shards.format import read_index
 from shards.ingest import ingest
 from srmri.atomic import write_json
@@ -106,8 +107,10 @@ class Plan:
     sr_cfg: TrainConfig | None
 
 
-def _stage_fingerprint(own: str, upstream: dict[str, str]) -> str:
-    return fingerprint({"config": own, "upstream": upstream})
+def _stage_fingerprint(own: str, upstream: dict[str, str], draws: str = "") -> str:
+    """A stage's fingerprint; a training stage passes :data:`SAMPLE_DRAWS` as ``draws``."""
+    made = {"config": own, "upstream": upstream}
+    return fingerprint({**made, "draws": draws} if draws else made)
 
 
 class Stages:
@@ -272,11 +275,15 @@ def _sr_stages(
 
     sr_run = run_dir_of(sr_cfg)
     own = config_fingerprint(sr_cfg, TRAIN_IGNORE)
-    sr = Stage("sr", _stage_fingerprint(own, upstream), sr_run, lambda: fit(sr_cfg), upstream)
+    sr = Stage(
+        "sr", _stage_fingerprint(own, upstream, SAMPLE_DRAWS), sr_run, lambda: fit(sr_cfg), upstream
+    )
     enhance_up = {**upstream, "sr": sr.fingerprint}
     enhance = Stage(
         "enhance",
-        _stage_fingerprint(fingerprint({"enhance_batch": cfg.enhance_batch}), enhance_up),
+        _stage_fingerprint(
+            fingerprint({"enhance_batch": cfg.enhance_batch}), enhance_up, SAMPLE_DRAWS
+        ),
         sr_data_dir(out),
         lambda: enhance_with_checkpoint(sr_run, data_dir(out), sr_data_dir(out), cfg.enhance_batch),
         enhance_up,
@@ -310,7 +317,7 @@ def _classifier_stages(run_cfg: TrainConfig, upstream: dict[str, str]) -> list[S
     name = run_cfg.name
     classify = Stage(
         f"classify/{name}",
-        _stage_fingerprint(own, upstream),
+        _stage_fingerprint(own, upstream, SAMPLE_DRAWS),
         run_dir,
         lambda: fit(run_cfg),
         upstream,

@@ -76,13 +76,33 @@ def _predictions(run: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     return keys, np.asarray(table["label"])[order], np.asarray(table["pred"])[order]
 
 
-def _groups(data_root: Path, keys: list[str]) -> list[str] | None:
-    """Patient group per test key, or None when no patient id exists (groups are per key)."""
+def _content_order(data_root: Path, keys: list[str]) -> tuple[np.ndarray, list[str] | None]:
+    """The test samples in content order, and their patient groups named by content.
+
+    Keys and patient pseudonyms of a real source are keyed hashes of the local ingest secret;
+    a bootstrap over samples or groups sorted by them would give another interval on every
+    machine. Samples are ordered by their pixels' sha256 and each group is named by the least
+    sha256 among its test samples, as ``shards.split`` orders groups.
+
+    Args:
+        data_root: The shard set (its manifest).
+        keys: The test keys, in the order of the correctness arrays.
+
+    Returns:
+        ``(order, groups)``: the permutation of ``keys`` into content order, and the group of
+        each sample in that order (None when no patient id exists: groups are per sample).
+    """
     rows = {r.key: r for r in read_manifest_rows(data_root) if r.status == "ok"}
     found = [rows.get(k) for k in keys]
+    content = [(r.sha256 if r is not None else "", k) for r, k in zip(found, keys)]
+    order = np.asarray(sorted(range(len(keys)), key=content.__getitem__), dtype=np.int64)
     if all(r is not None and r.group_kind == GROUP_SAMPLE for r in found):
-        return None
-    return [r.group if r is not None else "" for r in found]
+        return order, None
+    names = [r.group if r is not None else "" for r in found]
+    least: dict[str, str] = {}
+    for name, (sha, _) in zip(names, content):
+        least[name] = min(least.get(name, sha), sha)
+    return order, [least[names[i]] for i in order]
 
 
 def _arm_results(
@@ -150,7 +170,8 @@ def collect(cfg: PipelineConfig, out: Path, index: DatasetIndex) -> Results:
         keys_ref = keys_ref or keys
         conf[arm] = np.sum([np.asarray(m["confusion_matrix"]) for m in metrics], axis=0)
         arms[arm] = _arm_results(cfg, classes, metrics)
-    groups = _groups(data_dir(out), keys_ref or [])
+    order, groups = _content_order(data_dir(out), keys_ref or [])
+    correct = {arm: c[:, order] for arm, c in correct.items()}
     comparisons = compare_arms(correct, cfg.report.pairs, groups, n_boot=cfg.report.bootstrap)
     resampled = "patients" if groups is not None else "samples"
     protocol = ReportProtocol(
