@@ -34,6 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from shards.assemble import Listing, UnusableSetError, assemble
+from shards.checksum import SAMPLE_CHECKSUM
 from shards.format import INDEX_NAME, DatasetIndex, read_index, write_index
 from shards.ingest_config import IngestConfig, shareable_config
 from shards.ingest_fingerprint import SetFingerprint, item_digests, set_fingerprint
@@ -114,7 +115,8 @@ def _prepare_out(
 
     * nothing, or only staged work of this config: build, resuming from the staging journal;
       a journaled input whose bytes or listing changed since is processed again.
-    * the finished set of this config and these inputs: nothing to do.
+    * the finished set of this config and these inputs: nothing to do (unless it was written
+      before samples carried checksums: then it is rebuilt, as below).
     * the finished set of this config (the same command: same settings, same input folder)
       made from inputs that changed since (a corrected ``labels.csv``, instances deleted from
       a series, a replaced file): rebuilt without ``--overwrite``, since the set in OUT is
@@ -132,8 +134,12 @@ def _prepare_out(
     stage = out / STAGING
     index = read_index(out) if (out / INDEX_NAME).is_file() else None
     if index is not None and index.fingerprint == fp.value:
-        shutil.rmtree(stage, ignore_errors=True)  # a run that stopped just after its index
-        return True
+        if index.sample_checksum == SAMPLE_CHECKSUM:
+            shutil.rmtree(stage, ignore_errors=True)  # a run that stopped just after its index
+            return True
+        # The same command's set, but from before samples carried checksums: the loader
+        # refuses to serve it unchecked, so "nothing to do" would leave it unusable.
+        log(f"{out}: its set was written before samples carried checksums; rebuilding the set")
     existing = (index.made_from if index is not None else _read_staged(stage)) or None
     leftovers = [p.name for p in out.iterdir() if p.name != STAGING]
     same_command = existing is not None and existing.get("config") == fp.config

@@ -273,6 +273,23 @@ def test_out_with_other_data_is_refused_unless_overwrite(tmp_path):
     assert result.index.counts["inputs"] == 16 and verify(out) == []
 
 
+def test_a_set_from_before_checksums_is_rebuilt_not_called_finished(tmp_path):
+    # Same command, same inputs, but its samples carry no checksums: the loader would refuse
+    # it, so "nothing to do" would leave the user a set nothing can read.
+    from shards.loader import create_loader
+
+    out = tmp_path / "out"
+    run_ingest("synth", None, out, "synth.n=12")
+    index = json.loads((out / "index.json").read_text())
+    index["sample_checksum"] = ""  # what a set written before checksums records
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="written before samples carried checksums"):
+        create_loader(out, "train", 2, mode="eval")
+    again = run_ingest("synth", None, out, "synth.n=12")
+    assert not again.skipped and read_index(out).sample_checksum
+    assert sum(len(b["key"]) for b in create_loader(out, "train", 2, mode="eval")) > 0
+
+
 def test_interrupted_ingest_resumes_to_the_same_set(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
