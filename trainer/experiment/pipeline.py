@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -179,8 +180,11 @@ def _run_stage(stages: Stages, stage: Stage) -> None:
         )
     print0(f"[pipeline] {stage.name}: running")
     stages.mark(stage, "started")
+    start = time.perf_counter()
     _work(stages, stage)
     stages.mark(stage, "done")
+    # One line per stage that a user (and benchmarks/quickstart_time.py) reads the profile from.
+    print0(f"[pipeline] {stage.name}: done in {time.perf_counter() - start:.1f} s")
 
 
 def _data_stage(cfg: PipelineConfig) -> Stage:
@@ -253,7 +257,9 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
     report_path = out / "report.html"
     if info.is_main:
+        start = time.perf_counter()
         build_report(cfg, out, read_index(data_dir(out)), plan.sr_cfg)
+        print0(f"[pipeline] report: done in {time.perf_counter() - start:.1f} s")
         print0(f"\n[pipeline] report: {report_path.resolve()}")
     _barrier()
     return report_path
