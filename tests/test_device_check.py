@@ -1,9 +1,10 @@
 """benchmarks/device_check.py at its tiny size on the CPU, so that the device's script cannot rot.
 
 The script is what a session with a lent GPU runs in its one device call (issue 18); here it
-runs once per module with ``--tiny`` in a subprocess (about a minute on two idle cores: four
-Python processes each import torch and timm), and every part must report measured figures, or
-``n/a (no CUDA)`` where only a GPU can measure.
+runs once per module with ``--tiny`` in a subprocess (under a minute on two idle cores: it and
+its ``pytest -m cuda`` child each import torch; its two ``trainer fit`` command lines run inside
+it), and every part must report measured figures, or ``n/a (no CUDA)`` where only a GPU can
+measure.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def test_the_real_configuration_trained_its_steps(tiny_run: dict[str, Any]) -> N
         assert row["value"] == 2 and row["result"] == "pass", row
         log = (tiny_run["out"] / f"fit_{stage}.log").read_text()
         assert log.startswith("$ ") and "-m trainer fit --config configs/" in log.splitlines()[0]
+        assert "sps=" in log and "epoch 0: epoch=0, step=2" in log  # the trainer's own output
     # The paper's own stage configs and overrides were used, then shortened and placed.
     first = (tiny_run["out"] / "fit_classify.log").read_text().splitlines()[0]
     assert "configs/classify.yaml train.epochs=60 train.device=auto" in first
