@@ -34,8 +34,9 @@ def _compared(res: Results) -> str:
     data = "synthetic" if res.source == "synth" else res.source
     n_runs = len(res.arms) * len(seeds)
     return (
-        f"{n_runs} classifier{'s' if n_runs != 1 else ''} (one per arm and seed, seeds "
-        f"{', '.join(map(str, seeds))}) were trained on the same {res.train_samples} {data} "
+        f"{n_runs} classifier{'s' if n_runs != 1 else ''} (one per arm and seed, "
+        f"seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))}) were trained on "
+        f"the same {res.train_samples} {data} "
         f"training slices, seen as {arms}, and scored on the same {res.test_samples} "
         "held-out test slices."
     )
