@@ -95,7 +95,8 @@ def print_table(runs: list[dict]) -> None:
     print("\n| stage | " + " | ".join(f"{r['mode']} s" for r in runs) + " |")
     print("|---|" + "---|" * len(runs))
     for n in names:
-        print(f"| {n} | " + " | ".join(f"{r['stages'].get(n, float('nan')):.1f}" for r in runs))
+        cells = " | ".join(f"{r['stages'].get(n, float('nan')):.1f}" for r in runs)
+        print(f"| {n} | {cells} |")
     print("| **total wall** | " + " | ".join(f"**{r['wall_s']:.0f}**" for r in runs) + " |")
     for r in runs:
         target = TARGETS_S[r["mode"]]

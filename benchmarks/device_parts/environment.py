@@ -46,20 +46,20 @@ def versions() -> dict[str, str]:
     return out
 
 
-def git_commit() -> str:
-    """The checkout's commit, read-only ('' where there is no git, as on the device)."""
+def _output(cmd: list[str], timeout: float) -> str:
+    """What ``cmd`` printed, stripped ('' if it could not run)."""
     try:
         proc = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
         )
         return proc.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+def git_commit() -> str:
+    """The checkout's commit, read-only ('' where there is no git, as on the device)."""
+    return _output(["git", "rev-parse", "HEAD"], timeout=10)
 
 
 def nvidia_smi() -> str:
@@ -67,14 +67,4 @@ def nvidia_smi() -> str:
     if shutil.which("nvidia-smi") is None:
         return ""
     q = "name,driver_version,memory.total,clocks.sm,clocks.mem,power.draw,temperature.gpu"
-    try:
-        proc = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={q}", "--format=csv"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        return proc.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    return _output(["nvidia-smi", f"--query-gpu={q}", "--format=csv"], timeout=30)
