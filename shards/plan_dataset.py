@@ -24,6 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from shards.batch_ring import Packed, RingWriter, finish
 from shards.checksum import CHECKSUM_SUFFIX, check_sample, payload_digest
 from shards.collate import Collator, fresh_alloc
+from shards.degrade import EVAL_EPOCH
 from shards.format import ShardInfo, decode_image, join_url
 from shards.http_stream import HttpSettings
 from shards.plan import Plan, rng
@@ -73,7 +74,7 @@ class PlanDataset(IterableDataset):
         self.plan = plan
         self.free_slots = free_slots
         self.slots = slots
-        self.sample_epoch = plan.epoch if settings.train else -1
+        self.sample_epoch = plan.epoch if settings.train else EVAL_EPOCH
         # Without a transform nothing looks at the pixels before collation, so they stay
         # uint16 until then whatever the image dtype: the same values, converted once.
         self.raw = settings.image_dtype == "uint16" or settings.transform is None
