@@ -9,7 +9,8 @@ thread, for each ``--workers`` count. Pipelines:
   crops and flips the stored values; per-sample checksums verified); ``srmri-nocheck``: the
   same with ``verify_checksums=False`` (what the checksums cost); ``srmri-float``: float32
   images to the transform (what the trainer's transforms receive); ``srmri-before``: the
-  loader of ``--before`` (a copy of an older ``shards`` package), if given.
+  loader of ``--before`` (a copy of an older ``shards`` package), if given, with the settings
+  of ``srmri`` when it knows per-sample checksums (else those of the issue-2 loader).
 * ``litdata``: ``litdata.StreamingDataset(batch_decode=1)`` over ``litdata.optimize`` chunks.
 * ``mosaic``: MosaicML ``streaming.StreamingDataset`` over MDS shards (``ndarray`` column).
 * ``webdataset``: plain ``webdataset.WebDataset`` over tar shards of ``.npy`` + ``.cls``.
@@ -26,11 +27,20 @@ Each measurement is one epoch in a fresh interpreter (worker start-up included; 
 that process's plus its reaped workers'). Rounds are interleaved (round 1 runs every pipeline
 and worker count, then round 2, ...) so load from other jobs spreads over all of them; the
 table shows medians over the rounds.
+
+What the checksums cost is then measured apart (``--cost-epochs``, 0 skips it), since it is
+smaller than the spread between two epochs on a shared machine (epochs of one process varied by
++-20% there): without workers, ``srmri`` and ``srmri-nocheck`` make the same batches in turns
+in one process, each batch's CPU time taken apart (:func:`checksum_cost`); the difference per
+sample, times each worker count's samples per CPU second, is the share of the throughput the
+checks cost (a worker runs the same checks per sample). The rows ``srmri`` and
+``srmri-nocheck`` of the table show the same difference, within that spread.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -97,21 +107,51 @@ def write_our_set(root: Path, shard_size: int) -> None:
 def run_ours(name: str, root: Path, workers: int, batch: int, crop: int) -> dict[str, float]:
     """One timed epoch of our loader (``name`` says which variant)."""
     import torch
-    from loader import CropFlip  # benchmarks/loader.py
 
     torch.set_num_threads(1)
+    return timed_epoch(our_loader(name, root, workers, batch, crop))
+
+
+def our_loader(name: str, root: Path, workers: int, batch: int, crop: int) -> Any:
+    """The loader of one of our variants (see the module docstring)."""
+    from loader import CropFlip  # benchmarks/loader.py (project venv only)
+
     from shards.loader import create_loader
 
+    old = name == "srmri-before" and importlib.util.find_spec("shards.checksum") is None
     kwargs: dict[str, Any] = {}
-    if name in ("srmri", "srmri-nocheck"):
+    if name in ("srmri", "srmri-nocheck") or (name == "srmri-before" and not old):
         kwargs["image_dtype"] = "uint16"
     if name == "srmri-nocheck":
         kwargs["verify_checksums"] = False
-    loader = create_loader(
-        root / ("srmri-before" if name == "srmri-before" else "srmri"), "train", batch,
+    return create_loader(
+        root / ("srmri-before" if old else "srmri"), "train", batch,
         mode="train", num_workers=workers, transform=CropFlip(crop), **kwargs,
     )  # fmt: skip
-    return timed_epoch(loader)
+
+
+def checksum_cost(root: Path, args: argparse.Namespace) -> dict[str, float]:
+    """This thread's CPU microseconds per sample with and without checksums, no workers.
+
+    ``srmri`` and ``srmri-nocheck`` make the same batches; they take turns batch by batch
+    (which goes first alternates), each batch timed on its own, so that both see the same
+    load and neither gains from the other having just read the same samples.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    on, off = (our_loader(n, root, 0, args.batch, args.crop) for n in OURS[:2])
+    spent, samples = {"on": 0.0, "off": 0.0}, 0
+    for epoch in range(args.cost_epochs):
+        on.set_epoch(epoch)
+        off.set_epoch(epoch)
+        turns = [("on", iter(on)), ("off", iter(off))]
+        for step in range(len(on)):
+            for side, batches in turns[:: 1 if step % 2 else -1]:
+                start = time.thread_time()
+                samples += len(next(batches)["image"]) * (side == "on")
+                spent[side] += time.thread_time() - start
+    return {side: 1e6 * cpu / samples for side, cpu in spent.items()}
 
 
 def timed_epoch(batches: Any) -> dict[str, float]:
@@ -162,6 +202,29 @@ def report(rows: dict[tuple[str, int], list[dict[str, float]]], args: argparse.N
         print(line, flush=True)
 
 
+def report_cost(args: argparse.Namespace, root: Path, rows: dict) -> None:
+    """Measure the checks' CPU per sample; print it as a share of each worker count's rate."""
+    cmd = [sys.executable, __file__, "--run", "checksum-cost", "--dir", str(root)]
+    cmd += ["--batch", str(args.batch), "--crop", str(args.crop)]
+    cmd += ["--cost-epochs", str(args.cost_epochs)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if done.returncode:
+        raise RuntimeError(f"checksum cost failed:\n{done.stderr[-3000:]}")
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    check = got["on"] - got["off"]
+    loads = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(
+        f"\nchecksums: {got['on']:.1f} us CPU per sample with, {got['off']:.1f} without "
+        f"(0 workers, batches taking turns, {args.cost_epochs} epochs, load {loads}): "
+        f"{check:.1f} us, as a share of srmri's rate per CPU-second:"
+    )
+    for w in args.workers:
+        if ("srmri", w) in rows:
+            rate = statistics.median(r["samples"] / r["cpu"] for r in rows["srmri", w])
+            print(f"  {w} workers: {check * rate / 1e4:.1f}%", flush=True)
+
+
 def orchestrate(args: argparse.Namespace) -> None:
     """Write every store, then run the interleaved rounds and print the table."""
     print("command:", shlex.join(["python", *sys.argv]))
@@ -192,6 +255,8 @@ def orchestrate(args: argparse.Namespace) -> None:
             loads = Path("/proc/loadavg").read_text().split()[:3]
             print(f"round {r + 1} done, load {' '.join(loads)}", flush=True)
         report(rows, args)
+        if args.cost_epochs:
+            report_cost(args, root, rows)
     print(f"load after: {Path('/proc/loadavg').read_text().strip()}")
 
 
@@ -209,6 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--before", type=Path, default=None, help="folder holding an older shards/")
     p.add_argument("--pipelines", nargs="+", default=None, help="run only these (default: all)")
     p.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
+    p.add_argument("--cost-epochs", type=int, default=4, help="epochs timing the checks")
     p.add_argument("--run", default=None, help=argparse.SUPPRESS)  # one measurement
     p.add_argument("--write-peers", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -219,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.write_peers:
         write_peer_stores(args.dir, args.shard_size)
+    elif args.run == "checksum-cost":
+        print(json.dumps(checksum_cost(args.dir, args)))
     elif args.run in OURS:
         print(json.dumps(run_ours(args.run, args.dir, args.workers[0], args.batch, args.crop)))
     elif args.run is not None:

@@ -7,8 +7,8 @@ ran at half the rate of none. Here each worker, after collating its first batch,
 ring of slots of that batch's size in shared memory, copies the batch into the first slot and
 sends the ring to the main process once; every later batch is collated straight into the next
 free slot and travels as a small :class:`Packed` record. The main process copies each batch
-out into fresh tensors (converting uint16 to float32, which it must do anyway) and frees the
-slot.
+out (converting uint16 to float32, which it must do anyway) into memory of its own, reused
+once the caller lets go of a batch (:class:`shards.collate.ReusedMemory`), and frees the slot.
 
 Flow control: a worker takes a slot from its semaphore before writing it and the main process
 gives it back after copying out (see :data:`RING_SLOTS`).
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from shards.collate import Alloc, Collator, fresh_alloc, to_float
+from shards.collate import Alloc, Collator, ReusedMemory, fresh_alloc, to_float
 
 __all__ = ["RING_SLOTS", "Packed", "RingReader", "RingWriter", "finish"]
 
@@ -101,21 +101,26 @@ class RingReader:
     Args:
         free: The semaphores of free slots, one per worker.
         pin: Put delivered tensors in page-locked memory (for CUDA training).
+        memory: Where delivered batches go when not pinned (new memory when None).
     """
 
-    def __init__(self, free: list[Any], pin: bool) -> None:
-        self.free, self.pin = free, pin
+    def __init__(self, free: list[Any], pin: bool, memory: ReusedMemory | None = None) -> None:
+        self.free, self.pin, self.memory = free, pin, memory
         self.rings: dict[int, torch.Tensor] = {}
 
     def unpack(self, item: Packed | dict[str, Any]) -> dict[str, Any]:
-        """The delivered batch: fresh tensors, uint16 ones converted to float32 in [0, 1]."""
+        """The delivered batch: its own tensors, uint16 ones converted to float32 in [0, 1]."""
+        if self.memory is None or self.pin:
+            alloc = fresh_alloc(convert=False, pin=self.pin)
+        else:
+            alloc = self.memory.alloc(convert=False)
         if not isinstance(item, Packed):
-            return finish(item, self.pin)
+            return finish(item, self.pin, alloc)
         if item.ring is not None:
             self.rings[item.worker] = item.ring
         base = self.rings[item.worker][item.slot]
         try:
-            return _from_markers(item.tree, base, self.pin)
+            return _from_markers(item.tree, base, self.pin, alloc)
         finally:
             self.free[item.worker].release()
 
@@ -176,38 +181,40 @@ def _to_markers(tree: Any, base: torch.Tensor) -> Any:
     return tree
 
 
-def _from_markers(tree: Any, base: torch.Tensor, pin: bool) -> Any:
+def _from_markers(tree: Any, base: torch.Tensor, pin: bool, alloc: Alloc) -> Any:
     if isinstance(tree, torch.Tensor):  # one that travelled outside the ring
-        return finish(tree, pin)
+        return finish(tree, pin, alloc)
     if isinstance(tree, _InRing):
         size = math.prod(tree.shape) * tree.dtype.itemsize
         src = base[tree.offset : tree.offset + size].view(tree.dtype).view(tree.shape)
         if tree.dtype == torch.uint16:
-            return to_float(src, pin)
-        return torch.empty(tree.shape, dtype=tree.dtype, pin_memory=pin).copy_(src)
+            return to_float(src, alloc)
+        return alloc(tree.shape, tree.dtype).copy_(src)
     if isinstance(tree, dict):
-        return {k: _from_markers(v, base, pin) for k, v in tree.items()}
+        return {k: _from_markers(v, base, pin, alloc) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_from_markers(v, base, pin) for v in tree]
+        return [_from_markers(v, base, pin, alloc) for v in tree]
     return tree
 
 
-def finish(tree: Any, pin: bool) -> Any:
+def finish(tree: Any, pin: bool, alloc: Alloc | None = None) -> Any:
     """A batch collated the plain way: uint16 tensors converted, the rest (pinned) as is.
 
     Args:
         tree: The batch.
         pin: Whether delivered tensors must be in page-locked memory.
+        alloc: Memory of the converted tensors (default: new, pinned with ``pin``).
 
     Returns:
         The delivered batch.
     """
+    alloc = alloc or fresh_alloc(convert=False, pin=pin)
     if isinstance(tree, torch.Tensor):
         if tree.dtype == torch.uint16:
-            return to_float(tree, pin)
+            return to_float(tree, alloc)
         return tree.pin_memory() if pin else tree
     if isinstance(tree, dict):
-        return {k: finish(v, pin) for k, v in tree.items()}
+        return {k: finish(v, pin, alloc) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [finish(v, pin) for v in tree]
+        return [finish(v, pin, alloc) for v in tree]
     return tree

@@ -21,7 +21,9 @@ blocks are rotated onto workers so the round-robin continues where it stopped.
 Every sample is checked against its recorded checksum as it is read (:mod:`shards.checksum`);
 a set written before checksums existed is refused. Workers hand batches over through reused
 shared memory (:mod:`shards.batch_ring`), stored images still as uint16, and the main process
-turns them into float32.
+turns them into float32. Delivered batches live in memory that is reused once nothing refers to
+a batch any more (:class:`shards.collate.ReusedMemory`; up to four batches' worth, kept for the
+loader's life): a batch the caller still holds, or any view of it, is never written again.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch.multiprocessing as torch_mp
 from torch.utils.data import DataLoader
 
 from shards.batch_ring import RING_SLOTS, RingReader
+from shards.collate import ReusedMemory
 from shards.format import DatasetIndex, read_index
 from shards.http_stream import HttpSettings
 from shards.plan import batches_per_epoch, plan_epoch
@@ -73,6 +76,8 @@ class ShardLoader:
         self._epoch = 0
         self._batches_done = 0
         self._resume = False
+        # Kept across epochs: the delivered batches' memory, reused once the caller drops them.
+        self._memory = ReusedMemory()
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
@@ -134,8 +139,9 @@ class ShardLoader:
         )
         ctx = torch_mp.get_context()
         free = [ctx.Semaphore(RING_SLOTS) for _ in range(self.num_workers)]
-        dataset = PlanDataset(self.settings, plan, free, RING_SLOTS)
-        reader = RingReader(free, self.settings.pin_memory)
+        own = self._memory if self.num_workers == 0 else None  # workers get no copy of it
+        dataset = PlanDataset(self.settings, plan, free, RING_SLOTS, own)
+        reader = RingReader(free, self.settings.pin_memory, self._memory)
         # batch_size=None: the dataset batches itself; pinning happens in RingReader, which
         # writes each delivered batch straight into page-locked memory.
         batches = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)

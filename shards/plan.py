@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.random  # loaded lazily by numpy otherwise: 15 ms inside the first epoch
 
 from shards.format import ShardInfo
 

@@ -1,10 +1,12 @@
 """The per-worker reader of a plan: read, check, decode, transform and batch one block.
 
 Each DataLoader worker (or the main process, with no workers) runs :class:`PlanDataset` over
-the block of the epoch's batches the plan gives it (:mod:`shards.plan`). Samples are read with
-their checksums verified (:mod:`shards.shard_reader`), decoded, passed through the transform
-and collated; in a worker the batch goes into the worker's shared-memory ring
-(:mod:`shards.batch_ring`).
+the block of the epoch's batches the plan gives it (:mod:`shards.plan`). Samples are read
+(:mod:`shards.shard_reader`) and checked against their checksums (:mod:`shards.checksum`): the
+small members as they are read, many samples together, and each image when it is hashed for
+its digest anyway; then decoded, passed through the transform and collated. In a worker the
+batch goes into the worker's shared-memory ring (:mod:`shards.batch_ring`); in the main
+process into memory reused once the caller lets go of a batch (:mod:`shards.collate`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, Literal
@@ -22,8 +24,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.batch_ring import Packed, RingWriter, finish
-from shards.checksum import CHECKSUM_SUFFIX, check_sample, payload_digest
-from shards.collate import Collator, fresh_alloc
+from shards.checksum import CHECKSUM_SUFFIX, check_digest, check_samples, payload_digest
+from shards.collate import Alloc, Collator, ReusedMemory, fresh_alloc
 from shards.degrade import EVAL_EPOCH
 from shards.format import ShardInfo, decode_image, join_url
 from shards.http_stream import HttpSettings
@@ -38,6 +40,7 @@ Transform = Callable[[Sample], Sample]
 _INV_U16 = np.float32(1.0 / 65535.0)
 _WANTED = frozenset({"npy", "cls"})
 _SEED_MASK = (1 << 63) - 1
+_CHECKED_TOGETHER = 256  # samples read ahead of their use and checked as one group
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
 
 
@@ -67,13 +70,23 @@ class PlanDataset(IterableDataset):
         plan: This epoch's plan.
         free_slots: One semaphore per worker (its ring's free slots); empty without workers.
         slots: Slots per worker ring.
+        memory: Where batches made in the main process go (without workers; new memory when
+            None or pinned).
     """
 
-    def __init__(self, settings: ReadSettings, plan: Plan, free_slots: list[Any], slots: int):
+    def __init__(
+        self,
+        settings: ReadSettings,
+        plan: Plan,
+        free_slots: list[Any],
+        slots: int,
+        memory: ReusedMemory | None = None,
+    ) -> None:
         self.s = settings
         self.plan = plan
         self.free_slots = free_slots
         self.slots = slots
+        self.memory = memory
         self.sample_epoch = plan.epoch if settings.train else EVAL_EPOCH
         # Without a transform nothing looks at the pixels before collation, so they stay
         # uint16 until then whatever the image dtype: the same values, converted once.
@@ -88,15 +101,21 @@ class PlanDataset(IterableDataset):
         raws = self._block_raws(block, lo, hi, plan.skips[block] * bs)
         ring = RingWriter(info.id, self.free_slots[info.id], self.slots) if info else None
         pin = self.s.pin_memory
-        alloc = fresh_alloc(convert=True, pin=pin)  # in the main process: the delivered batch
         while batch := list(itertools.islice(raws, bs)):
-            collator = ring.collator(len(batch)) if ring else Collator(len(batch), alloc)
+            collator = ring.collator(len(batch)) if ring else Collator(len(batch), self._alloc())
             for raw in batch:  # each sample goes into the batch while it is in the caches
                 self._add(collator, raw)
             if ring is not None:
                 yield ring.pack(collator)  # type: ignore[misc]
             else:
                 yield finish(collator.finish(), pin) if pin else collator.finish()  # type: ignore[misc]
+            del collator  # so that a batch the caller dropped is seen as free (ReusedMemory)
+
+    def _alloc(self) -> Alloc:
+        """The memory of the next batch delivered from this process (uint16 as float32)."""
+        if self.memory is None or self.s.pin_memory:
+            return fresh_alloc(convert=True, pin=self.s.pin_memory)
+        return self.memory.alloc(convert=True)
 
     def _block_raws(self, block: int, lo: int, hi: int, skip: int) -> Iterator[tuple]:
         """Raw samples of rank-local ``[lo, hi)`` in yield order, after the first ``skip``."""
@@ -124,7 +143,8 @@ class PlanDataset(IterableDataset):
                     yield (*raw, seg.valid)
 
     def _read_global(self, lo: int, hi: int) -> Iterator[tuple]:
-        """``(key, [parts of each root], [shard url of each root])`` at global ``[lo, hi)``."""
+        """``(key, [parts of each root], [shard url of each root], [image digest each root
+        records] or None)`` at global ``[lo, hi)``, all members but the images checked."""
         plan = self.plan
         i = bisect.bisect_right(plan.starts, lo) - 1
         pos = lo
@@ -138,57 +158,92 @@ class PlanDataset(IterableDataset):
 
     def _read_shard(self, shard: ShardInfo, skip: int, take: int) -> Iterator[tuple]:
         urls = [join_url(root, shard.name) for root in self.s.roots]
-        s = self.s
-        # The checksum member is read here but checked in _add, when the sample is used: by
-        # then a payload hashed at read time has left the CPU caches (see _add).
-        wanted = _WANTED if s.checksums == "off" else _WANTED | {CHECKSUM_SUFFIX}
-        streams = [iter_shard(u, skip, wanted, checksums="off", http=s.http) for u in urls]
+        wanted = _WANTED if self.s.checksums == "off" else _WANTED | {CHECKSUM_SUFFIX}
+        streams = [iter_shard(u, skip, wanted, checksums="off", http=self.s.http) for u in urls]
         try:
-            for n in range(take):
-                got = [next(s, None) for s in streams]
-                if any(g is None for g in got):
-                    short = urls[got.index(None)]
-                    raise ValueError(
-                        f"{short}: ends after {skip + n} samples but index.json says "
-                        f"{shard.count}; the shard set is damaged (run `python -m shards verify`)"
-                    )
-                key = got[0][0]
-                for url, (other, _) in zip(urls[1:], got[1:]):
-                    if other != key:
-                        raise ValueError(
-                            f"{url}: sample {skip + n} has key {other!r} but {urls[0]} has "
-                            f"{key!r}; aligned shard sets must hold the same keys in the same order"
-                        )
-                yield key, [parts for _, parts in got], urls
+            for start in range(0, take, _CHECKED_TOGETHER):
+                stop = min(take, start + _CHECKED_TOGETHER)
+                group = [self._next(streams, urls, shard, skip + n) for n in range(start, stop)]
+                recorded = self._check_members(urls, group)
+                for (key, parts), digests in zip(group, recorded):
+                    yield key, parts, urls, digests
         finally:
             for s in streams:
                 s.close()
 
-    def _add(self, collator: Collator, raw: tuple) -> None:
-        """Decode and transform one sample into the batch, then check it against its checksum.
+    def _next(self, streams: list[Iterator], urls: list[str], shard: ShardInfo, n: int) -> tuple:
+        """``(key, [members of each root])`` of the shard's ``n``-th sample."""
+        got = [next(s, None) for s in streams]
+        if any(g is None for g in got):
+            raise ValueError(
+                f"{urls[got.index(None)]}: ends after {n} samples but index.json says "
+                f"{shard.count}; the shard set is damaged (run `python -m shards verify`)"
+            )
+        key = got[0][0]
+        for url, (other, _) in zip(urls[1:], got[1:]):
+            if other != key:
+                raise ValueError(
+                    f"{url}: sample {n} has key {other!r} but {urls[0]} has {key!r}; aligned "
+                    "shard sets must hold the same keys in the same order"
+                )
+        return key, [parts for _, parts in got]
 
-        The check comes after the copy into the batch, which has pulled the payload into the
-        CPU caches: hashing it first cost a read from memory, 54 us a sample (15% of the
-        loader's throughput), hashing it after costs ~5 us. A damaged sample still never
+    def _check_members(self, urls: list[str], group: list[tuple]) -> Iterator:
+        """Check all members but the images of a group of samples as they are read; yields
+        each sample's image digests as its roots record them (None: no check).
+
+        Checked together, by :func:`shards.checksum.check_samples`; the images' digests are
+        compared in :meth:`_add`, once the images are hashed anyway.
+        """
+        if self.s.checksums == "off":
+            return itertools.repeat(None)
+        required = self.s.checksums == "require"
+        by_root = [
+            check_samples(url, [(key, parts[r]) for key, parts in group], required, "npy")
+            for r, url in enumerate(urls)
+        ]
+        return zip(*by_root)
+
+    def _add(self, collator: Collator, raw: tuple) -> None:
+        """Decode and transform one sample into the batch, then check its images' digests.
+
+        The image payload is hashed once, before the transform (its digest seeds the draws),
+        and that digest is what the check compares with the recorded one; an aligned root's
+        image is hashed after the copy into the batch, from the CPU caches (hashing a payload
+        from memory cost 54 us a sample, from the caches ~5 us). A damaged sample still never
         leaves: the batch is given out only once all its samples passed. If decoding or the
         transform fails, the check runs first, so damage is reported as damage.
         """
+        key, parts, urls, recorded, valid = raw
+        digest = None
         try:
-            collator.add(self._sample(*raw))
+            digest, sample = self._sample(key, parts, valid)
+            collator.add(sample)
         except Exception:
-            self._check(*raw)
+            self._check_images(key, parts, urls, recorded, digest)
             raise
-        self._check(*raw)
+        # The common case inline: one root, whose recorded digest is the one just made.
+        if recorded is not None and (len(recorded) > 1 or recorded[0] != digest):
+            self._check_images(key, parts, urls, recorded, digest)
 
-    def _check(self, key: str, parts: list[dict[str, bytes]], urls: list[str], *_: Any) -> None:
-        if self.s.checksums != "off":
-            for url, members in zip(urls, parts):
-                check_sample(url, key, members, required=self.s.checksums == "require")
+    def _check_images(
+        self,
+        key: str,
+        parts: list[dict[str, bytes]],
+        urls: list[str],
+        recorded: Sequence[str | None] | None,
+        digest: str | None,
+    ) -> None:
+        """Compare each root's image digest (the first root's: ``digest``, if made) with the
+        recorded one."""
+        for i, (url, members, want) in enumerate(zip(urls, parts, recorded or ())):
+            if want is not None and "npy" in members:
+                got = digest if i == 0 and digest is not None else payload_digest(members["npy"])
+                check_digest(url, key, "npy", got, want)
 
-    def _sample(
-        self, key: str, parts: list[dict[str, bytes]], urls: list[str], valid: bool
-    ) -> Sample:
-        """Decode one sample (and its aligned images) and apply the transform."""
+    def _sample(self, key: str, parts: list[dict[str, bytes]], valid: bool) -> tuple[str, Sample]:
+        """The digest of the image payload, and the sample (with its aligned images) decoded
+        and transformed."""
         if "cls" not in parts[0]:
             raise ValueError(f"sample {key!r} has no .cls (has {sorted(parts[0])})")
         images = [self._image(p, key) for p in parts]
@@ -203,7 +258,7 @@ class PlanDataset(IterableDataset):
             "epoch": self.sample_epoch,
             "aligned": images[1:],
         }
-        return self.s.transform(sample) if self.s.transform is not None else sample
+        return digest, self.s.transform(sample) if self.s.transform is not None else sample
 
     def _seed_of(self, name: str) -> int:
         """:func:`shards.degrade.sample_seed` of ``name`` (tests check they agree), without
@@ -215,30 +270,30 @@ class PlanDataset(IterableDataset):
         if "npy" not in parts:
             raise ValueError(f"sample {key!r} has no .npy image (has {sorted(parts)})")
         arr = _decode_npy(parts["npy"])
-        if arr.ndim != 2:
-            raise ValueError(f"sample {key!r}: image has shape {arr.shape}, expected 2-D")
+        if arr.ndim != 3:
+            raise ValueError(f"sample {key!r}: image has shape {arr.shape[1:]}, expected 2-D")
         if self.raw and arr.dtype == np.uint16:
             # A view of the payload (no copy); payloads read over http are immutable bytes.
-            return torch.from_numpy(arr if arr.flags.writeable else arr.copy()).unsqueeze(0)
+            return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
         out = arr.astype(np.float32)
         out *= _INV_U16
-        return torch.from_numpy(out).unsqueeze(0)
+        return torch.from_numpy(out)
 
 
 def _decode_npy(data: bytes) -> np.ndarray:
-    """Decode ``.npy`` bytes; the header of each distinct shape is parsed only once.
+    """Decode ``.npy`` bytes as ``[1, *shape]``; the header of each shape is parsed once.
 
-    The array is a view of ``data`` (no copy), writable when ``data`` is a ``bytearray``.
+    The array is a view of ``data`` (no copy), writable when ``data`` is writable.
     """
     if data[6:8] == b"\x01\x00":
         offset = 10 + int.from_bytes(data[8:10], "little")
-        head = bytes(data[:offset])  # payloads may be bytearrays (unhashable)
+        head = bytes(data[:offset])  # payloads may be memoryviews (unhashable)
         info = _NPY_HEADERS.get(head)
         if info is not None:
             dtype, shape, count = info
             return np.frombuffer(data, dtype, count=count, offset=offset).reshape(shape)
         arr = decode_image(data)
         if arr.flags.c_contiguous and len(_NPY_HEADERS) < 64:
-            _NPY_HEADERS[head] = (arr.dtype, arr.shape, arr.size)
-        return arr
-    return decode_image(data)
+            _NPY_HEADERS[head] = (arr.dtype, (1, *arr.shape), arr.size)
+        return arr[None]
+    return decode_image(data)[None]

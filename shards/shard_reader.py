@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from shards.checksum import CHECKSUM_SUFFIX, check_sample
 from shards.http_stream import HttpSettings, HttpStream
-from shards.tar_reader import tar_members
+from shards.tar_reader import mapped_members, tar_members
 
 __all__ = ["Checksums", "iter_shard", "open_shard"]
 
@@ -33,32 +33,18 @@ class MappedShard:
     the loader spends on reading); a view of a copy-on-write mapping costs nothing, and the
     arrays made from it are writable without writing to the file. The mapping stays alive as
     long as any view of it does.
+
+    Attributes:
+        map: The mapping (slices of it are ``bytes`` copies).
+        view: A memoryview of it (slices of it are views).
     """
 
     def __init__(self, fh: Any) -> None:
-        self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-        self._view = memoryview(self._map)
-        self._pos = 0
-
-    def seekable(self) -> bool:
-        return True
-
-    def read(self, n: int) -> bytes:
-        out = self._map[self._pos : self._pos + n]
-        self._pos += len(out)
-        return out
-
-    def take(self, n: int) -> memoryview:
-        """The next ``n`` bytes (fewer at the end) as a view, without copying them."""
-        out = self._view[self._pos : self._pos + n]
-        self._pos += len(out)
-        return out
-
-    def seek(self, offset: int, whence: int = 0) -> None:
-        self._pos = offset if whence == 0 else self._pos + offset
+        self.map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.view = memoryview(self.map)
 
     def close(self) -> None:
-        self._view.release()  # views handed out stay valid; the mapping goes with the last
+        self.view.release()  # views handed out stay valid; the mapping goes with the last
 
 
 def open_shard(url: str, http: HttpSettings = _HTTP_DEFAULT) -> Any:
@@ -104,11 +90,58 @@ def iter_shard(
         OSError: If the shard cannot be read (naming the URL).
     """
     read = suffixes if checksums == "off" else suffixes | {CHECKSUM_SUFFIX}
+    stream = open_shard(url, http)
+    try:
+        if isinstance(stream, MappedShard):
+            samples = _mapped_samples(stream, url, skip, read)
+        else:
+            samples = _streamed_samples(stream, url, skip, read)
+        for key, parts in samples:
+            yield key, _checked(url, key, parts, checksums, suffixes)
+    finally:
+        stream.close()
+
+
+def _sample_key(fname: str) -> int:
+    """Where the key of member ``fname`` ends (-1: no key, the member is ignored).
+
+    webdataset's convention: the key is the name up to the first dot of its basename.
+    """
+    return fname.find(".", fname.rfind("/") + 1)
+
+
+def _mapped_samples(
+    shard: MappedShard, url: str, skip: int, read: frozenset[str]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The samples of a mapped shard after the first ``skip``: members sliced, not read."""
+    count, key, parts = 0, None, {}
+    sliced, view = shard.map, shard.view
+    for fname, offset, size in mapped_members(sliced, url):
+        dot = _sample_key(fname)
+        if dot < 0:
+            continue
+        if fname[:dot] != key:
+            if parts:
+                yield key, parts  # type: ignore[misc]
+            count, key, parts = count + 1, fname[:dot], {}
+        suffix = fname[dot + 1 :]
+        if count > skip and suffix in read:
+            # Only the image stays a view (np.frombuffer takes it); the small members are
+            # bytes, which int() and json.loads take.
+            end = offset + size
+            parts[suffix] = view[offset:end] if suffix == "npy" else sliced[offset:end]
+    if parts:
+        yield key, parts  # type: ignore[misc]
+
+
+def _streamed_samples(
+    stream: Any, url: str, skip: int, read: frozenset[str]
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of a tar stream (http) after the first ``skip``, whose data is never read."""
     state: list[Any] = [0, None, ""]  # samples started so far, current key, current suffix
 
     def want(fname: str) -> bool:
-        # webdataset's convention: the key is the name up to the first dot of its basename.
-        dot = fname.find(".", fname.rfind("/") + 1)
+        dot = _sample_key(fname)
         if dot < 0:
             return False
         key = fname[:dot]
@@ -118,24 +151,17 @@ def iter_shard(
         state[2] = fname[dot + 1 :]
         return state[0] > skip and state[2] in read
 
-    stream = open_shard(url, http)
-    try:
-        key: str | None = None
-        parts: dict[str, bytes] = {}
-        # tar_members yields each member right after `want` accepted it, so `state` is its own.
-        for data in _payloads(stream, url, want):
-            if state[1] != key:
-                if key is not None:
-                    yield key, _checked(url, key, parts, checksums, suffixes)
-                key, parts = state[1], {}
-            # Only the image stays a view (np.frombuffer takes it); the small members are
-            # bytes, which int() and json.loads take.
-            suffix = state[2]
-            parts[suffix] = data if suffix == "npy" or isinstance(data, bytes) else bytes(data)
-        if key is not None:
-            yield key, _checked(url, key, parts, checksums, suffixes)
-    finally:
-        stream.close()
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    # tar_members yields each member right after `want` accepted it, so `state` is its own.
+    for data in _payloads(stream, url, want):
+        if state[1] != key:
+            if key is not None:
+                yield key, parts
+            key, parts = state[1], {}
+        parts[state[2]] = data
+    if key is not None:
+        yield key, parts
 
 
 def _payloads(stream: Any, url: str, want: Callable[[str], bool]) -> Iterator[bytes]:

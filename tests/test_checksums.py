@@ -12,7 +12,14 @@ import pytest
 import webdataset as wds
 from helpers import make_shard_set
 
-from shards.checksum import CHECKSUM_SUFFIX, CorruptSampleError
+from shards import checksum
+from shards.checksum import (
+    CHECKSUM_SUFFIX,
+    CorruptSampleError,
+    check_sample,
+    check_samples,
+    payload_digest,
+)
 from shards.format import encode_sample, read_index, shard_name, to_uint16
 from shards.loader import create_loader
 from shards.shard_reader import iter_shard
@@ -159,3 +166,38 @@ def test_encode_sample_records_each_member(tmp_path: Path):
     [(key, parts)] = list(iter_shard(str(path), 0, frozenset({"cls", "npy"}), checksums="require"))
     assert key == "k" and sorted(parts) == ["cls", "npy"] and bytes(parts["cls"]) == b"2"
     assert read_index(make_set(tmp_path / "set")).sample_checksum == "xxh3_64"
+
+
+def test_samples_checked_together_agree_with_one_by_one(tmp_path: Path):
+    shard = str(make_set(tmp_path / "set") / shard_name("train", 0))
+    samples = list(iter_shard(shard, 0, frozenset({"cls", "npy", "xxh3"}), checksums="off"))
+    one_by_one = [check_sample(shard, key, parts, True, "npy") for key, parts in samples]
+    assert check_samples(shard, samples, True, "npy") == one_by_one
+    assert one_by_one == [payload_digest(parts["npy"]) for _, parts in samples]
+    assert checksum._check_canonical(samples, "npy") == one_by_one  # the group's fast path
+
+    def with_member(i: int, member: bytes) -> list:
+        key, parts = samples[i]
+        return [*samples[:i], (key, {**parts, CHECKSUM_SUFFIX: member}), *samples[i + 1 :]]
+
+    # laid out otherwise (lines in another order): checked one by one, the same outcome
+    lines = samples[1][1][CHECKSUM_SUFFIX].splitlines(keepends=True)
+    assert check_samples(shard, with_member(1, b"".join(lines[::-1])), True, "npy") == one_by_one
+    # two neighbours' members that only together hold their lines: never taken as valid
+    a = samples[2][1][CHECKSUM_SUFFIX].splitlines(keepends=True)
+    b = samples[3][1][CHECKSUM_SUFFIX].splitlines(keepends=True)
+    shifted = with_member(2, b"".join(a + b[:1]))
+    shifted = [*shifted[:3], (samples[3][0], {**samples[3][1], CHECKSUM_SUFFIX: b"".join(b[1:])})]
+    shifted += samples[4:]
+    with pytest.raises(CorruptSampleError, match=rf"sample '({samples[2][0]}|{samples[3][0]})'"):
+        check_samples(shard, shifted, True, "npy")
+    # a wrong label digit in one sample of the group: that sample is named
+    key, parts = samples[4]
+    damaged = [*samples[:4], (key, {**parts, "cls": b"3" if parts["cls"] != b"3" else b"2"})]
+    with pytest.raises(CorruptSampleError, match=rf"sample '{key}': \.cls does not match"):
+        check_samples(shard, damaged + samples[5:], True, "npy")
+    # no checksum members (a set written before them): nothing to compare, unless required
+    bare = [(k, {s: v for s, v in p.items() if s != CHECKSUM_SUFFIX}) for k, p in samples]
+    assert check_samples(shard, bare, False, "npy") == [None] * len(samples)
+    with pytest.raises(CorruptSampleError, match=r"has no \.xxh3 member"):
+        check_samples(shard, bare, True, "npy")

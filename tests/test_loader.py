@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import http.server
+import io
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from shards.checksum import payload_digest
 from shards.degrade import sample_seed
 from shards.format import decode_image
 from shards.loader import ShardLoader, create_loader
+from shards.tar_reader import mapped_members, tar_members
 
 TRAIN = [7, 2, 12]  # uneven on purpose: 21 samples
 VAL = [5, 2]
@@ -301,6 +303,37 @@ def test_plain_tar_formats_and_damage(shard_root: Path, tmp_path: Path, tar_form
     (copy / "val-000000.tar").write_bytes(data[:100] + b"X" + data[101:])
     with pytest.raises(ValueError, match=r"val-000000.tar: bad tar header checksum"):
         list(create_loader(copy, "val", 3, mode="eval"))
+
+
+@pytest.mark.parametrize(
+    "tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]
+)
+def test_mapped_walk_reads_what_the_stream_reader_reads(tmp_path: Path, tar_format: int) -> None:
+    path = tmp_path / "t.tar"
+    names = ["a.npy", "a.cls", "d/" * 60 + "long.npy", "p" * 90 + "/" + "q" * 90 + ".cls"]
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = 700 * i + 3, 1.5 if tar_format == tarfile.PAX_FORMAT else 0
+            tar.addfile(info, io.BytesIO(bytes([i]) * info.size))
+        folder = tarfile.TarInfo("dir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)  # not a regular file: not a member
+    data = path.read_bytes()
+    streamed = list(tar_members(io.BytesIO(data), "t", lambda name: True))
+    walked = list(mapped_members(data, "t"))
+    assert [(name, data[at : at + n]) for name, at, n in walked] == streamed
+    assert [name for name, _ in streamed] == names
+    last = walked[-1][1] - 512  # the last member's own header
+    for at in (0, 130, 150, last + 5, last + 126):  # names, size and checksum fields
+        damaged = bytearray(data)
+        damaged[at] ^= 0x10
+        with pytest.raises(ValueError, match="t: bad tar header"):
+            list(mapped_members(bytes(damaged), "t"))
+    after = walked[-1][1] + (walked[-1][2] + 511) // 512 * 512 + 512  # the folder's header
+    for cut in (len(data) // 2, walked[-1][1] + 1, after):
+        with pytest.raises(ValueError, match="t: truncated"):
+            list(mapped_members(data[:cut], "t"))
 
 
 # ---- errors ------------------------------------------------------------------------------------

@@ -440,6 +440,8 @@ def _rng_neutral(loader: Iterable[TaskBatch]) -> Iterator[TaskBatch]:
     if first is None:
         return
     yield first
+    # Holding the first batch all epoch would keep its buffer from being reused by the loader.
+    del first
     yield from it
 
 
