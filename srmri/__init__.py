@@ -8,6 +8,20 @@
 
 Layers point one way: ``srmri`` <- ``shards`` <- ``trainer`` (engine) <- ``trainer.experiment``
 <- ``tune``, ``launch``. Nothing here imports any of those packages.
+
+Importing any srmri package sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the user set it) before
+torch loads its OpenMP runtime: see :data:`OMP_WAIT_POLICY`.
 """
 
-__all__: list[str] = []
+import os
+
+__all__ = ["OMP_WAIT_POLICY"]
+
+# OpenMP threads spin for a while after each parallel region by default (ACTIVE-ish). On a laptop
+# that is also doing other work, the spinning threads steal the cores the next region needs: a
+# 2-epoch debug fit beside one busy process took 146.6 s by default and 43.2 s with PASSIVE
+# (same val_accuracy; BENCHMARKS.md "Quickstart wall time"). It must be set before the OpenMP
+# runtime starts, i.e. before torch is imported, so every package's __init__ imports this one,
+# and child processes (torchrun ranks, DataLoader workers, Ray trials) inherit it.
+OMP_WAIT_POLICY = "PASSIVE"
+os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)

@@ -110,3 +110,19 @@ def test_progress_in_a_file_is_one_line_per_interval_and_a_bar_on_a_terminal(
         bar.update(4)
     assert b"\r" in os.read(master, 4096)
     os.close(master)
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_packages_set_a_passive_openmp_wait_policy_before_torch_unless_the_user_did(
+    given: str | None,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    # torch imported after the package, as every entry point does; the value libgomp reads
+    code = "import launch, torch, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (given or "PASSIVE")

@@ -5,4 +5,6 @@ Run it as ``python -m trainer {fit,evaluate,predict,export}``; the library entry
 Submodules are imported on use so that ``import trainer`` stays cheap.
 """
 
+import srmri  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads; see srmri)
+
 __all__: list[str] = []

@@ -5,4 +5,6 @@ Entry points: ``python -m tune {run,resume,report}`` (:mod:`tune.cli`); in Pytho
 :func:`tune.results.write_outputs`. Submodules are imported on use, so ``import tune`` stays light.
 """
 
+import srmri  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads; see srmri)
+
 __all__: list[str] = []
