@@ -10,6 +10,12 @@ so start-up costs the same for a thousand samples or a million. The plan, for ``
   where its block starts, skips to the offset, shuffles within chunks of ``shuffle_chunk``
   samples (permutation from ``(seed, epoch, rank, block, chunk)``) and batches itself, so every
   rank runs exactly the same number of steps whatever the shard sizes.
+* train with ``sampler="balanced"``: the ``N`` samples of the stream are replaced by ``N``
+  draws, each class equally often, with replacement, from ``(seed, epoch)`` (the labels are
+  read once, when the loader is made: :mod:`shards.labels`); everything else is cut from the
+  draws as above. A sample drawn twice is the same sample of the same epoch, so it gets the
+  same per-sample seed and draws (degradation, augmentation): its copies weigh it more, like a
+  class weight, and never make a new image. Eval has no sampler.
 * eval: no shuffle; each rank takes ``ceil(N / world_size)`` samples, the tail padded by
   repeating samples marked ``valid=False``, so each sample is seen exactly once across ranks.
 
@@ -33,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 from torch.utils.data import DataLoader
@@ -41,6 +48,7 @@ from shards.batch_ring import RING_SLOTS, RingReader
 from shards.collate import ReusedMemory
 from shards.format import DatasetIndex, read_index
 from shards.http_stream import HttpSettings
+from shards.labels import read_split_labels
 from shards.plan import batches_per_epoch, plan_epoch
 from shards.plan_dataset import PlanDataset, ReadSettings, Transform
 from shards.sample import Batch
@@ -48,7 +56,10 @@ from shards.shard_reader import iter_shard
 
 __all__ = ["ShardLoader", "Transform", "create_loader", "iter_shard"]
 
-_STATE_CHECKS = ("seed", "world_size", "num_workers", "batch_size", "mode", "split")
+_STATE_CHECKS = ("seed", "world_size", "num_workers", "batch_size", "mode", "split", "sampler")
+# Checked keys a state saved before they existed lacks, and the value it was saved under.
+_STATE_DEFAULTS = {"sampler": "shuffle"}
+Sampler = Literal["shuffle", "balanced"]
 
 
 class ShardLoader:
@@ -58,6 +69,8 @@ class ShardLoader:
         index: The shard set's index.
         classes: Class names (index of a label -> name).
         num_samples: Samples of the split, over all ranks.
+        sampler: ``shuffle`` (each sample once an epoch) or ``balanced``.
+        labels: Each shard's labels (the balanced sampler's), else None.
     """
 
     def __init__(self, root: str | Path, split: str, settings: ReadSettings, **kw: Any) -> None:
@@ -70,6 +83,8 @@ class ShardLoader:
         self.rank: int = kw["rank"]
         self.world_size: int = kw["world_size"]
         self.index: DatasetIndex = kw["index"]
+        self.sampler: Sampler = kw.get("sampler", "shuffle")
+        self.labels: tuple[np.ndarray, ...] | None = kw.get("labels")
         self.classes: list[str] = list(self.index.classes)
         self.settings = settings
         self.num_samples = sum(s.count for s in settings.shards)
@@ -103,6 +118,7 @@ class ShardLoader:
         Raises:
             ValueError: If the state is from a loader with other settings, or out of range.
         """
+        state = {**_STATE_DEFAULTS, **state}
         missing = [k for k in ("epoch", "batches_done", *_STATE_CHECKS) if k not in state]
         if missing:
             raise ValueError(f"loader state lacks {missing}: not a ShardLoader.state_dict()")
@@ -114,7 +130,7 @@ class ShardLoader:
         if wrong:
             raise ValueError(
                 "loader state was saved with other settings: " + ", ".join(wrong) + "; resume "
-                "with the same world size, workers, batch size, seed, mode and split"
+                "with the same world size, workers, batch size, seed, mode, split and sampler"
             )
         done = int(state["batches_done"])
         if not 0 <= done <= len(self):
@@ -136,6 +152,7 @@ class ShardLoader:
             batch=self.batch_size,
             workers=self.num_workers,
             done=start,
+            labels=self.labels,
         )
         ctx = torch_mp.get_context()
         free = [ctx.Semaphore(RING_SLOTS) for _ in range(self.num_workers)]
@@ -199,11 +216,16 @@ def _check_checksums(index: DatasetIndex, root: str) -> None:
 
 
 def _check_settings(
-    mode: str, image_dtype: str, batch_size: int, num_workers: int, shuffle_chunk: int
+    mode: str, image_dtype: str, batch_size: int, num_workers: int, shuffle_chunk: int, sampler: str
 ) -> None:
     """Raise ValueError naming the first loader setting that is out of range."""
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', not {mode!r}")
+    if sampler not in ("shuffle", "balanced") or (sampler == "balanced" and mode != "train"):
+        raise ValueError(
+            f"sampler must be 'shuffle' or, in train mode, 'balanced', not {sampler!r} in "
+            f"{mode} mode (evaluation reads each sample exactly once)"
+        )
     if image_dtype not in ("float32", "uint16"):
         raise ValueError(f"image_dtype must be 'float32' or 'uint16', not {image_dtype!r}")
     if batch_size < 1 or num_workers < 0 or shuffle_chunk < 1:
@@ -243,6 +265,22 @@ def _check_split(
         )
 
 
+def _checked_index(
+    roots: list[str],
+    split: str,
+    ranks_x_batch: tuple[int, int] | None,
+    verify_checksums: bool,
+    http: HttpSettings,
+) -> DatasetIndex:
+    """The index of ``roots[0]``, its split, aligned sets and checksums checked."""
+    index = read_index(roots[0], http)
+    _check_split(index, roots[0], split, ranks_x_batch)
+    _check_aligned(index, roots[0], split, roots[1:], verify_checksums, http)
+    if verify_checksums:
+        _check_checksums(index, roots[0])
+    return index
+
+
 def create_loader(
     root: str | Path,
     split: str,
@@ -260,6 +298,7 @@ def create_loader(
     image_dtype: Literal["float32", "uint16"] = "float32",
     verify_checksums: bool = True,
     http: HttpSettings | None = None,
+    sampler: Sampler = "shuffle",
 ) -> ShardLoader:
     """Stream one split of a shard set as batches, split over ranks and DataLoader workers.
 
@@ -283,6 +322,8 @@ def create_loader(
             or the stored ``uint16`` (then converted once per batch); batches are float32.
         verify_checksums: Check every sample's checksum (off only to measure its cost).
         http: Timeouts and retries of http(s) shard sets (default :class:`HttpSettings`).
+        sampler: ``shuffle`` (each sample once an epoch) or, in train mode only, ``balanced``
+            (each class drawn equally often, with replacement, as many draws as samples).
 
     Returns:
         The loader; iterate it for one epoch's batches, each a :class:`shards.sample.Batch`
@@ -290,35 +331,27 @@ def create_loader(
 
     Raises:
         FileNotFoundError: If ``root`` or an aligned root has no ``index.json``.
-        ValueError: On an unknown split, bad settings, a train split smaller than
-            ``world_size * batch_size``, aligned sets whose layout differs, or a set written
-            before samples carried checksums.
+        ValueError: On an unknown split, bad settings (a balanced sampler in eval mode), a
+            train split smaller than ``world_size * batch_size``, aligned sets of another
+            layout, a set without checksums, or labels that disagree with the index.
     """
-    _check_settings(mode, image_dtype, batch_size, num_workers, shuffle_chunk)
+    _check_settings(mode, image_dtype, batch_size, num_workers, shuffle_chunk, sampler)
     rank, world_size = _rank_and_world(rank, world_size)
     http = http or HttpSettings()
-    index = read_index(root, http)
-    shards = index.split_shards(split)
-    _check_split(index, str(root), split, (world_size, batch_size) if mode == "train" else None)
     roots = [str(root), *(str(r) for r in aligned_roots)]
-    _check_aligned(index, str(root), split, roots[1:], verify_checksums, http)
-    if verify_checksums:
-        _check_checksums(index, str(root))
+    ranks_x_batch = (world_size, batch_size) if mode == "train" else None
+    index = _checked_index(roots, split, ranks_x_batch, verify_checksums, http)
     settings = ReadSettings(
-        roots=tuple(roots),
-        shards=tuple(shards),
-        seed=seed,
-        rank=rank,
-        batch_size=batch_size,
-        train=mode == "train",
-        shuffle_chunk=shuffle_chunk,
-        transform=transform,
-        image_dtype=image_dtype,
+        roots=tuple(roots), shards=tuple(index.split_shards(split)), seed=seed, rank=rank,
+        batch_size=batch_size, train=mode == "train", shuffle_chunk=shuffle_chunk,
+        transform=transform, image_dtype=image_dtype, http=http, pin_memory=pin_memory,
         checksums="require" if verify_checksums else "off",
-        http=http,
-        pin_memory=pin_memory,
-    )
+    )  # fmt: skip
+    labels = None
+    if sampler == "balanced":  # the split's labels, read once here
+        labels = read_split_labels(roots[0], index, split, http, settings.checksums)
     return ShardLoader(
         root, split, settings, batch_size=batch_size, mode=mode, seed=seed,
         num_workers=num_workers, rank=rank, world_size=world_size, index=index,
+        sampler=sampler, labels=labels,
     )  # fmt: skip

@@ -2,6 +2,15 @@
 
 Planned from ``index.json`` alone (per-shard sample counts), so start-up costs the same for a
 thousand samples or a million; see :mod:`shards.loader` for the rules the plan implements.
+
+The balanced sampler (train mode) also needs each sample's label (:mod:`shards.labels`, read
+once per loader). Its epoch is ``N`` draws (``N`` the split's samples): each class present gets
+``N // K`` of them (``K`` classes; the remainder goes one each to classes picked at random),
+drawn with replacement among that class's samples, all from ``(seed, epoch)`` only. The draws
+are the stream positions of the epoch's shard order, sorted, so a worker still reads its
+shards front to back (samples drawn by no one are read past, a sample drawn twice is yielded
+twice in a row); then ranks, batches, blocks and chunks are cut from the ``N`` draws exactly
+as from the ``N`` samples of a plain epoch: the same step counts and the same resume.
 """
 
 from __future__ import annotations
@@ -17,7 +26,9 @@ import numpy.random  # loaded lazily by numpy otherwise: 15 ms inside the first 
 
 from shards.format import ShardInfo
 
-__all__ = ["Plan", "Segment", "plan_epoch", "rng"]
+__all__ = ["Plan", "Segment", "balanced_draws", "plan_epoch", "rng"]
+
+_BALANCED = 0xBA1A  # third part of the balanced draw's generator (shard order uses two parts)
 
 
 def rng(*parts: int) -> np.random.Generator:
@@ -48,6 +59,9 @@ class Plan:
     blocks: tuple[tuple[int, int], ...]  # rank-local batch ranges per block
     skips: tuple[int, ...]  # batches each block already produced (resume)
     rotation: int  # worker i serves block (i + rotation) % len(blocks)
+    # Balanced sampler: the stream position each rank-local position reads (non-decreasing);
+    # empty: the segments say (each sample once).
+    picks: tuple[int, ...] = ()
 
 
 def batches_per_epoch(n_total: int, train: bool, world: int, batch: int) -> int:
@@ -55,6 +69,33 @@ def batches_per_epoch(n_total: int, train: bool, world: int, batch: int) -> int:
     if train:
         return n_total // world // batch
     return math.ceil(math.ceil(n_total / world) / batch)
+
+
+def balanced_draws(
+    labels: Sequence[np.ndarray], order: Sequence[int], seed: int, epoch: int
+) -> np.ndarray:
+    """The balanced sampler's epoch: sorted stream positions, as many as there are samples.
+
+    Args:
+        labels: Each shard's labels (index order), as :func:`shards.labels.read_split_labels`.
+        order: The epoch's shard order.
+        seed: The loader's seed.
+        epoch: The epoch.
+
+    Returns:
+        ``int64[N]``: the stream position (in ``order``) of each draw, non-decreasing; each
+        class present is drawn ``N // K`` or ``N // K + 1`` times.
+    """
+    stream = np.concatenate([labels[i] for i in order]) if order else np.zeros(0, np.int64)
+    n, present = len(stream), np.unique(stream)
+    if not n:
+        return stream
+    gen = rng(seed, epoch, _BALANCED)
+    quota = np.full(len(present), n // len(present))
+    quota[gen.choice(len(present), n % len(present), replace=False)] += 1
+    members = [np.flatnonzero(stream == c) for c in present]
+    draws = [m[gen.integers(0, len(m), q)] for m, q in zip(members, quota)]
+    return np.sort(np.concatenate(draws))
 
 
 def plan_epoch(
@@ -68,6 +109,7 @@ def plan_epoch(
     batch: int,
     workers: int,
     done: int,
+    labels: Sequence[np.ndarray] | None = None,
 ) -> Plan:
     """Plan a rank's epoch, ``done`` batches of which were already yielded.
 
@@ -81,16 +123,24 @@ def plan_epoch(
         batch: Samples per batch.
         workers: DataLoader workers (0 plans one block read in the main process).
         done: Batches of this epoch already yielded (resume).
+        labels: Each shard's labels for the balanced sampler (train mode only); None: each
+            sample once.
 
     Returns:
         The plan.
     """
     n_total = sum(s.count for s in shards)
+    picks: tuple[int, ...] = ()
+    if labels is not None and not train:
+        raise ValueError("the balanced sampler is for train mode: eval reads each sample once")
     if train:
         order = tuple(int(i) for i in rng(seed, epoch).permutation(len(shards)))
         n_rank = n_total // world // batch * batch
         first = rank * (n_total // world)
         segments = [Segment(0, first, first + n_rank, True)]
+        if labels is not None:
+            drawn = balanced_draws(labels, order, seed, epoch)[first : first + n_rank]
+            picks = tuple(drawn.tolist())
     else:
         order = tuple(range(len(shards)))
         n_rank = math.ceil(n_total / world)
@@ -117,4 +167,5 @@ def plan_epoch(
         # Round-robin: after `done` batches, block b produced done // W + (b < done % W).
         skips=tuple(done // n_blocks + (b < done % n_blocks) for b in range(n_blocks)),
         rotation=done % n_blocks,
+        picks=picks,
     )

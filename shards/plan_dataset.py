@@ -7,6 +7,7 @@ small members as they are read, many samples together, and each image when it is
 its digest anyway; then decoded, passed through the transform and collated. In a worker the
 batch goes into the worker's shared-memory ring (:mod:`shards.batch_ring`); in the main
 process into memory reused once the caller lets go of a batch (:mod:`shards.collate`).
+A balanced plan's draws are read the same way, front to back (:meth:`PlanDataset._read_picked`).
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ class PlanDataset(IterableDataset):
 
     def _read_local(self, lo: int, hi: int) -> Iterator[tuple]:
         """Raw samples at rank-local positions ``[lo, hi)``, in stream order."""
+        if self.plan.picks:
+            yield from self._read_picked(lo, hi)
+            return
         for seg in self.plan.segments:
             a = max(lo, seg.local)
             b = min(hi, seg.local + seg.stop - seg.start)
@@ -141,6 +145,31 @@ class PlanDataset(IterableDataset):
                 offset = seg.start - seg.local
                 for raw in self._read_global(a + offset, b + offset):
                     yield (*raw, seg.valid)
+
+    def _read_picked(self, lo: int, hi: int) -> Iterator[tuple]:
+        """Raw samples at rank-local ``[lo, hi)`` of a balanced plan (:mod:`shards.plan`).
+
+        The picked stream span is read front to back once: samples no draw picked are read
+        past, a sample picked ``m`` times is yielded ``m`` times. Each repeat gets its own copy
+        of the members as read (taken before the first is yielded), so that a transform that
+        changes an image in place (a view of the mapped shard) cannot alter, or fail the
+        checksum of, another copy.
+        """
+        picks = self.plan.picks[lo:hi]
+        if not picks:
+            return
+        raws = self._read_global(picks[0], picks[-1] + 1)
+        pos, pristine = picks[0] - 1, None
+        for i, p in enumerate(picks):
+            if p == pos:  # a repeat: a copy of the members as read, whatever became of them
+                yield (*_own(pristine), True)
+                continue
+            while pos < p:
+                raw, pos = next(raws), pos + 1
+            # Copied before the first copy is yielded: the chunk shuffle may transform it
+            # before the repeat is even read.
+            pristine = _own(raw) if i + 1 < len(picks) and picks[i + 1] == p else None
+            yield (*raw, True)
 
     def _read_global(self, lo: int, hi: int) -> Iterator[tuple]:
         """``(key, [parts of each root], [shard url of each root], [image digest each root
@@ -278,6 +307,20 @@ class PlanDataset(IterableDataset):
         out = arr.astype(np.float32)
         out *= _INV_U16
         return torch.from_numpy(out)
+
+
+def _own(raw: Any) -> tuple:
+    """A raw sample whose writable payloads (views of a mapped shard, earlier copies) are
+    copies of their own; ``bytes`` payloads (immutable) are shared."""
+    key, parts, urls, digests = raw
+    owned = [
+        {
+            s: bytearray(d) if isinstance(d, memoryview | bytearray) else d
+            for s, d in members.items()
+        }
+        for members in parts
+    ]
+    return key, owned, urls, digests
 
 
 def _decode_npy(data: bytes) -> np.ndarray:

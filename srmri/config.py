@@ -84,6 +84,8 @@ def _is_dataclass_type(tp: Any) -> bool:
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -109,7 +111,9 @@ def _coerce(value: Any, tp: Any, key: str, finite: bool = True) -> Any:
                 errors.append(str(exc))  # try the next member; the error names the union
         if len(errors) == 1:
             raise ConfigError(errors[0])  # e.g. `float | None`: the float's own message
-        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+        literals = [str(x) for arg in args if get_origin(arg) is Literal for x in get_args(arg)]
+        hint = _suggest(str(value), literals) if literals else ""
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}{hint}")
     if origin is Literal:
         allowed = get_args(tp)
         if value in allowed:

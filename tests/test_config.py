@@ -109,3 +109,14 @@ def test_every_shipped_config_loads_and_checks(path: Path, monkeypatch: pytest.M
         load_search_config(path)
     else:
         load_train_config(str(path), [])
+
+
+def test_union_of_words_and_list_names_both_and_suggests() -> None:
+    from trainer.config import load_train_config
+
+    with pytest.raises(ConfigError, match=r"train.class_weights: 'autoo'.*did you mean 'auto'"):
+        load_train_config(None, ["data.root=x", "train.class_weights=autoo"])
+    cfg = load_train_config(None, ["data.root=x", "train.class_weights=[1, 2.5]"])
+    assert cfg.train.class_weights == [1.0, 2.5]
+    with pytest.raises(ConfigError, match=r"train\.class_weights: .*positive"):
+        load_train_config(None, ["data.root=x", "train.class_weights=[1, 0]"])

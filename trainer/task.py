@@ -13,12 +13,14 @@ task is built from the run config and the training split's class names and provi
 * ``best_metric`` / ``best_mode``: what "best" means for checkpoints and early stopping;
 * ``write_reports(run_dir, split, results)``: rank 0's per-split files (predictions, figures).
 
-:class:`ClassificationTask` is the classifier. The SR task implements the same protocol and is
-picked by :func:`create_task`.
+:class:`ClassificationTask` is the classifier; its training loss honours ``train.class_weights``
+and ``train.label_smoothing`` (:mod:`trainer.criterion`), its validation loss is the plain
+cross-entropy. The SR task implements the same protocol and is picked by :func:`create_task`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -31,6 +33,7 @@ from trainer.augment import create_augmentation
 from trainer.backend import Backend
 from trainer.batch import Prepare, TaskBatch, Transform
 from trainer.config import TrainConfig
+from trainer.criterion import TrainLoss
 from trainer.factories import create_model
 from trainer.inputs import InputTransform, aligned_roots_for
 from trainer.metrics import ClassificationMetrics
@@ -68,16 +71,29 @@ class ClassificationTask:
     Args:
         cfg: The run config.
         classes: Class names of the shard set (the model gets one output per class).
+        train_counts: The training split's samples per class, which ``class_weights: auto``
+            needs to train (:func:`trainer.criterion.train_class_counts`); evaluation needs
+            none.
+
+    Raises:
+        ConfigError: If ``train.class_weights`` does not fit the classes.
     """
 
     best_metric = "balanced_accuracy"
     best_mode: Literal["max", "min"] = "max"
 
-    def __init__(self, cfg: TrainConfig, classes: list[str]) -> None:
+    def __init__(
+        self, cfg: TrainConfig, classes: list[str], train_counts: Sequence[int] | None = None
+    ) -> None:
         if len(classes) < 2:
             raise ValueError(f"{cfg.data.root}: classification needs >= 2 classes, has {classes}")
         self.cfg = cfg
         self.classes = list(classes)
+        # Evaluation builds the task without the training split's counts; it never trains.
+        auto = cfg.train.class_weights == "auto"
+        self.loss = (
+            None if auto and train_counts is None else TrainLoss(cfg.train, classes, train_counts)
+        )
         self.metrics = ClassificationMetrics(len(classes), self.classes)
         self._rows: list[tuple[str, int, list[float]]] = []
         self._loss = torch.zeros(2, dtype=torch.float64)
@@ -103,7 +119,8 @@ class ClassificationTask:
             labels = torch.cat([labels, labels])
         logits = backend.model(backend.to_input(images))
         target = labels.to(backend.device, non_blocking=True)
-        return F.cross_entropy(logits.float(), target), int(labels.shape[0])
+        loss = self.loss or TrainLoss(self.cfg.train, self.classes, None)  # None: raises
+        return loss(logits.float(), target), int(labels.shape[0])
 
     def eval_reset(self, device: torch.device) -> None:
         self.metrics.to(device)
@@ -116,6 +133,7 @@ class ClassificationTask:
         target = batch["label"].to(logits.device)
         valid = batch["valid"].to(logits.device).bool()
         self.metrics.update(logits, target, valid)
+        # Unweighted and unsmoothed whatever the training loss is (see trainer.criterion).
         losses = F.cross_entropy(logits, target, reduction="none")[valid]
         self._loss[0] += losses.sum().double()
         self._loss[1] += losses.numel()
@@ -145,14 +163,25 @@ class ClassificationTask:
             )
 
 
-def create_task(cfg: TrainConfig, classes: list[str]) -> Task:
+def create_task(
+    cfg: TrainConfig, classes: list[str], train_counts: Sequence[int] | None = None
+) -> Task:
     """The task the config names.
+
+    Args:
+        cfg: The run config.
+        classes: The shard set's classes.
+        train_counts: The training split's samples per class (a classifier trained with
+            ``class_weights: auto`` needs them; see :class:`ClassificationTask`).
+
+    Returns:
+        The task.
 
     Raises:
         ValueError: If the task is not available.
     """
     if cfg.task == "classify":
-        return ClassificationTask(cfg, classes)
+        return ClassificationTask(cfg, classes, train_counts)
     if cfg.task == "sr":
         return SRTask(cfg, classes)
     raise ValueError(f"task={cfg.task!r} is not available (classify or sr)")
