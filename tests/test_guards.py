@@ -279,7 +279,7 @@ def test_a_nan_loss_on_one_rank_is_skipped_or_stops_on_every_rank(
     shards: Path, tmp_path: Path
 ) -> None:
     from trainer.checkpoint import resolve_checkpoint
-    from trainer.export import load_fp32_weights
+    from trainer.weights import load_fp32_weights
 
     run_distributed(_nan_on_rank_1, 2, str(shards), str(tmp_path))
     outcomes = [json.loads((tmp_path / f"outcome-{r}.json").read_text()) for r in (0, 1)]

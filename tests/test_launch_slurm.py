@@ -125,7 +125,7 @@ def log_of(work: Work, name: str, job: str) -> Path:
 
 def final_weights(run_dir: Path) -> dict:
     from trainer.checkpoint import latest_checkpoint
-    from trainer.export import load_fp32_weights
+    from trainer.weights import load_fp32_weights
 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     assert ckpt is not None, f"no checkpoint in {run_dir}"

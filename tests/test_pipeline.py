@@ -24,7 +24,7 @@ from trainer.checkpoint import resolve_checkpoint
 from trainer.experiment.config import PipelineConfig, StageConfig, read_stages
 from trainer.experiment.pipeline import load_pipeline_config, plan_pipeline
 from trainer.experiment.report import ReportError, collect, weights_sha256
-from trainer.export import load_fp32_weights
+from trainer.weights import load_fp32_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "pipeline-smoke.yaml"

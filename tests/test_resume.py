@@ -173,7 +173,7 @@ def test_resume_never_starts_the_run_over_with_the_new_settings(
     finished: Path, shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from trainer.checkpoint import find_checkpoints
-    from trainer.export import checkpoint_config
+    from trainer.weights import checkpoint_config
 
     run = _copy(finished, tmp_path)
     common = (f"data.root={shards}", f"out_dir={tmp_path}", "name=base", "train.seed=1")

@@ -118,7 +118,7 @@ def _export(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
 
     from trainer.export import export_checkpoint
 
-    return load_file(str(export_checkpoint(checkpoint, out, use_ema=False)))
+    return load_file(str(export_checkpoint(checkpoint, out, use_ema=False) / "model.safetensors"))
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:

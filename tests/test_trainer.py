@@ -284,11 +284,11 @@ def test_export_reproduces_the_validation_probabilities_in_bare_timm(
     from shards.loader import create_loader
 
     run = trained
-    exported = tmp_path / "model.safetensors"
+    exported = tmp_path / "model"
     assert _main(capsys, "export", "--checkpoint", str(run), "--out", str(exported))[0] == 0
-    side = json.loads(exported.with_suffix(".json").read_text())
+    side = json.loads((exported / "model.json").read_text())
     model = timm.create_model(side["model"], in_chans=1, num_classes=side["num_classes"])
-    model.load_state_dict(load_file(str(exported)))
+    model.load_state_dict(load_file(str(exported / "model.safetensors")))
     model.eval()
     table = pq.read_table(run / "predictions.parquet").to_pydict()
     want = {k: [table[f"prob_{c}"][i] for c in side["classes"]] for i, k in enumerate(table["key"])}
@@ -517,10 +517,10 @@ def test_deepspeed_zero_bf16_two_processes(
         import timm
         from safetensors.torch import load_file
 
-        exported = tmp_path / "ds.safetensors"
+        exported = tmp_path / "ds"
         assert _main(capsys, "export", "--checkpoint", str(run), "--out", str(exported))[0] == 0
         model = timm.create_model("resnet10t", in_chans=1, num_classes=4)
-        model.load_state_dict(load_file(str(exported)))
+        model.load_state_dict(load_file(str(exported / "model.safetensors")))
         module = torch.load(ckpt / "module.pt", weights_only=True)
-        for k, v in load_file(str(exported)).items():
+        for k, v in load_file(str(exported / "model.safetensors")).items():
             assert torch.equal(v, module[k]), k  # fp32 masters == module weights under autocast

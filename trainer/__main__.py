@@ -8,7 +8,6 @@ accepted anywhere and ignored: the rank comes from the environment the launcher 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +35,9 @@ def _strip_local_rank(argv: Sequence[str]) -> list[str]:
     return out
 
 
+_SR_HELP = "the SR run that enhanced an sr/lr+sr model's training set (default: search beside)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,58 +50,58 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=None, help="output folder")
     ev.add_argument("overrides", nargs="*", help="dotted.key=value changes, e.g. data.root=...")
     pr = sub.add_parser("predict", help="classify image files, folders, NIfTI or DICOM")
-    pr.add_argument("--checkpoint", required=True, type=Path)
+    source = pr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="a run, its checkpoints or one")
+    source.add_argument("--model", type=Path, help="a model folder from `trainer export`")
     pr.add_argument("--out", required=True, type=Path, help="output CSV")
+    pr.add_argument("--sr-checkpoint", type=Path, default=None, help=_SR_HELP)
+    pr.add_argument("--gradcam", type=Path, default=None, help="folder for Grad-CAM overlays")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--max-slices", type=int, default=None)
     pr.add_argument("--device", default="cpu")
     pr.add_argument("paths", nargs="+", type=Path)
-    ex = sub.add_parser("export", help="write a plain fp32 .safetensors + .json sidecar")
+    ex = sub.add_parser("export", help="write a model folder: weights, model.json, model card")
     ex.add_argument("--checkpoint", required=True, type=Path)
-    ex.add_argument("--out", required=True, type=Path)
+    ex.add_argument("--out", required=True, type=Path, help="the model folder to write")
+    ex.add_argument(
+        "--format",
+        nargs="+",
+        action="extend",
+        choices=["safetensors", "onnx", "torchscript"],
+        default=[],
+        help="formats beside the fp32 safetensors (always written); repeatable",
+    )
+    ex.add_argument("--sr-checkpoint", type=Path, default=None, help=_SR_HELP)
     ex.add_argument("--no-ema", action="store_true", help="export raw weights, not the EMA")
     return parser
 
 
 def _predict(args: argparse.Namespace) -> None:
-    import torch
+    from trainer.inference import classifier_from_checkpoint, classifier_from_folder
+    from trainer.predict import predict_paths, write_predictions_csv
 
-    from shards.degrade import degrade, upsample_to
-    from trainer.checkpoint import resolve_checkpoint
-    from trainer.export import checkpoint_config, load_fp32_weights
-    from trainer.factories import create_model
-    from trainer.input_kind import needs_sr
-    from trainer.predict import dataset_preprocess, predict_paths, write_predictions_csv
+    if args.model is not None:
+        if args.sr_checkpoint is not None:
+            raise ValueError("--sr-checkpoint: a model folder bundles its SR model; drop it")
+        clf = classifier_from_folder(args.model)
+    else:
+        clf = classifier_from_checkpoint(args.checkpoint, args.sr_checkpoint)
+    clf.to(args.device)
+    on_batch = None
+    if args.gradcam is not None:
+        from trainer.gradcam_overlay import GradcamWriter
 
-    ckpt = resolve_checkpoint(args.checkpoint)
-    cfg = checkpoint_config(ckpt)
-    if needs_sr(cfg.data.inputs):
-        raise ValueError(
-            f"{ckpt.path}: model was trained on SR-enhanced inputs; enhance the images with the "
-            "SR model first (predict applies only the ingest preprocessing and hr/lr inputs)"
-        )
-    pre_cfg = dataset_preprocess(cfg.data.root, ckpt.classes)
-    # The weights come from the checkpoint: no pretrained file is read (it may be gone).
-    model = create_model(dataclasses.replace(cfg.model, pretrained_path=None), len(ckpt.classes))
-    model.load_state_dict(load_fp32_weights(ckpt))
-    model.to(args.device)
-    transform = None
-    if cfg.data.inputs == "lr":
-        d = cfg.data
-
-        def transform(x: torch.Tensor) -> torch.Tensor:
-            small, _ = degrade(x, d.degrade, torch.Generator().manual_seed(cfg.train.seed))
-            return upsample_to(small, (x.shape[-2], x.shape[-1]), d.upsample)
-
+        on_batch = GradcamWriter(clf.model, clf.classes, args.gradcam)
     rows = predict_paths(
-        model,
+        clf.model,
         args.paths,
-        ckpt.classes,
-        pre_cfg,
+        clf.classes,
+        clf.preprocess,
         args.device,
         batch_size=args.batch_size,
-        input_transform=transform,
+        input_transform=clf.model_input,
         max_slices=args.max_slices,
+        on_batch=on_batch,
     )
     write_predictions_csv(rows, args.out)
     print(f"wrote {len(rows)} rows to {args.out}")
@@ -129,8 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "export":
             from trainer.export import export_checkpoint
 
-            out = export_checkpoint(args.checkpoint, args.out, use_ema=not args.no_ema)
-            print(f"wrote {out} and {out.with_suffix('.json')}")
+            out = export_checkpoint(
+                args.checkpoint,
+                args.out,
+                use_ema=not args.no_ema,
+                formats=args.format,
+                sr_checkpoint=args.sr_checkpoint,
+            )
+            print(f"wrote model folder {out}")
         else:
             _predict(args)
     except (ConfigError, FileNotFoundError, ValueError, RunDirInUse) as exc:

@@ -1,131 +1,217 @@
-"""Export a checkpoint as a plain fp32 state dict that bare timm loads, whatever trained it.
+"""``trainer export``: a checkpoint as a self-describing model folder that needs nothing else.
 
-The output is ``model.safetensors`` (``timm.create_model(name, in_chans=1, num_classes=C)``
-then ``load_state_dict``) plus ``model.json`` beside it (model name, classes, input size and
-kind). Weights come from, in order of preference: the EMA (when the run kept one, since that is
-what was validated), DeepSpeed's fp32 master weights consolidated with ``zero_to_fp32`` (exact
-under bf16/fp16 and ZeRO 1/2), or the checkpoint's ``module.pt`` (DDP, and DeepSpeed ZeRO
-stage 0, whose checkpoints ``zero_to_fp32`` cannot read).
+The folder (see :mod:`trainer.model_folder`) holds ``model.safetensors``, a plain fp32 state dict
+that bare timm loads (``timm.create_model(name, in_chans=1, num_classes=C)`` then
+``load_state_dict``), the formats asked for (ONNX, TorchScript: :mod:`trainer.onnx_export`), the
+SR model an ``sr``/``lr+sr`` classifier needs (:mod:`trainer.sr_bundle`), ``model_card.md``
+(:mod:`trainer.model_card`) and ``model.json``: architecture, classes in output order, input size
+and kind, the training set's preprocessing, the ``lr`` degradation, the SR model, fingerprints of
+the training config and data set, and the sha256 of every file. ``trainer predict --model DIR``
+classifies files with that folder alone.
+
+Weights are read by :func:`trainer.weights.load_fp32_weights` (EMA first, then DeepSpeed's
+fp32 masters, then ``module.pt``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-import torch
-import yaml
-
-from srmri.atomic import atomic_path, write_json
+from shards.format import DatasetIndex, read_index
+from shards.preprocess import PreprocessConfig
+from srmri.atomic import write_text
 from srmri.config import config_from_dict
-from srmri.torchfile import load_torch_file
-from trainer.backend import MODULE_FILE
-from trainer.checkpoint import TRAINER_FILE, CheckpointInfo, resolve_checkpoint
-from trainer.config import TrainConfig
+from srmri.fingerprint import config_fingerprint
+from trainer.checkpoint import CheckpointInfo, resolve_checkpoint
+from trainer.config import RESULT_NEUTRAL_KEYS, TrainConfig
+from trainer.factories import create_model
+from trainer.input_kind import needs_sr
+from trainer.model_card import render_card, test_results
+from trainer.model_folder import (
+    CARD_FILE,
+    FOLDER_FORMAT,
+    WEIGHTS_FILE,
+    check_target,
+    file_sha256,
+    publish,
+    staging,
+    write_model_json,
+)
+from trainer.onnx_export import ONNX_FILE, TORCHSCRIPT_FILE, export_onnx, export_torchscript
+from trainer.sr_bundle import SRModel, find_sr_model
+from trainer.weights import checkpoint_config, has_ema, load_fp32_weights
 
-__all__ = ["checkpoint_config", "export_checkpoint", "load_fp32_weights"]
+__all__ = [
+    "FORMATS",
+    "SR_WEIGHTS_FILE",
+    "export_checkpoint",
+]
 
-
-def checkpoint_config(ckpt: CheckpointInfo) -> TrainConfig:
-    """The run config saved inside a checkpoint directory.
-
-    Raises:
-        FileNotFoundError: If the checkpoint has no config.yaml.
-        srmri.config.ConfigError: If it is invalid.
-    """
-    path = ckpt.path / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint has no config.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({exc})") from exc
-    return config_from_dict(TrainConfig, data)
-
-
-def _from_deepspeed(ckpt: CheckpointInfo) -> dict[str, torch.Tensor] | None:
-    """fp32 master weights of a DeepSpeed ZeRO checkpoint, or None when there are none."""
-    if not (ckpt.path / "deepspeed").is_dir():
-        return None
-    if checkpoint_config(ckpt).backend.zero_stage == 0:
-        # Stage 0 records no ZeRO partitions (zero_to_fp32 fails on its missing param_shapes):
-        # module.pt holds the module's own weights, exact in fp32 and under CPU autocast.
-        return None
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints per-tensor progress
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path), tag="deepspeed")
-    except (FileNotFoundError, ValueError, KeyError):
-        return None  # no consolidated masters to read: module.pt is the module's weights
-    return {k: v.float().contiguous() for k, v in state.items()}
+FORMATS = ("safetensors", "onnx", "torchscript")
+SR_WEIGHTS_FILE = "sr_model.safetensors"
 
 
-def load_fp32_weights(ckpt: CheckpointInfo, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """The model's fp32 state dict from a checkpoint (see the module docstring for the source).
-
-    Args:
-        ckpt: The checkpoint.
-        use_ema: Prefer the EMA weights when the run kept an EMA.
-
-    Returns:
-        A state dict of contiguous fp32 CPU tensors, keys as in the bare timm model.
+def _training_index(cfg: TrainConfig, ckpt: CheckpointInfo) -> DatasetIndex:
+    """The index of the set the checkpoint was trained on, checked to be that set.
 
     Raises:
-        FileNotFoundError: Naming the missing file.
-        ValueError: Naming the corrupt file.
+        FileNotFoundError: If ``data.root`` has no index (export needs its preprocessing).
+        ValueError: If the set there is another one, or lists other classes.
     """
-    if use_ema:
-        shared = load_torch_file(ckpt.path / TRAINER_FILE)
-        ema = shared.get("ema") if isinstance(shared, dict) else None
-        if ema:
-            return {k.removeprefix("module."): v.float().contiguous() for k, v in ema.items()}
-    state = _from_deepspeed(ckpt)
-    if state is not None:
-        # zero_to_fp32 keeps parameters and buffers; take anything else from module.pt.
-        module = load_torch_file(ckpt.path / MODULE_FILE)
-        return {k: state.get(k, v).float().contiguous() for k, v in module.items()}
-    module = load_torch_file(ckpt.path / MODULE_FILE)
-    return {k: v.float().contiguous() for k, v in module.items()}
+    from trainer.predict import check_class_order  # the file readers load only when used
+
+    try:
+        index = read_index(cfg.data.root)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{cfg.data.root}: the training set's index.json is needed to record its "
+            f"preprocessing and class counts ({exc})"
+        ) from exc
+    if ckpt.dataset_id and index.dataset_id != ckpt.dataset_id:
+        raise ValueError(
+            f"{cfg.data.root}: holds data set {index.dataset_id}, but {ckpt.path.name} was "
+            f"trained on {ckpt.dataset_id}; its preprocessing and counts would be of another set"
+        )
+    check_class_order(ckpt.classes, index.classes, f"the data set at {cfg.data.root}")
+    return index
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, use_ema: bool = True) -> Path:
-    """Write ``out`` (.safetensors) and its ``.json`` sidecar from a checkpoint.
+def _describe(
+    cfg: TrainConfig,
+    ckpt: CheckpointInfo,
+    index: DatasetIndex,
+    sr: SRModel | None,
+    weights: dict[str, str],
+) -> dict[str, Any]:
+    """``model.json``'s description of the model (no path, patient id or header value)."""
+    prep = index.config.get("preprocess") if isinstance(index.config, dict) else None
+    pre = config_from_dict(PreprocessConfig, prep or {"size": index.image_size})
+    n = len(ckpt.classes)
+    source = index.config.get("source") if isinstance(index.config, dict) else None
+    counts = index.counts.get("samples") if isinstance(index.counts, dict) else None
+    d = cfg.data
+    return {
+        "format": FOLDER_FORMAT,
+        "model": cfg.model.name,
+        "architecture": {
+            "library": "timm",
+            "name": cfg.model.name,
+            "in_chans": 1,
+            "num_classes": n,
+            "drop_rate": cfg.model.drop_rate,
+        },
+        "classes": list(ckpt.classes),
+        "num_classes": n,
+        "in_chans": 1,
+        "inputs": d.inputs,
+        "input": {
+            "name": "image",
+            "kind": d.inputs,
+            "size": pre.size,
+            "channels": 1,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "range": [0.0, 1.0],
+            "modality": "greyscale MRI slice",
+        },
+        "preprocess": asdict(pre),
+        "lr": {"degrade": asdict(d.degrade), "upsample": d.upsample, "seed": cfg.train.seed}
+        if d.inputs == "lr"
+        else None,
+        "sr": None
+        if sr is None
+        else {
+            "model_id": sr.model_id,
+            "weights": SR_WEIGHTS_FILE,
+            "arch": asdict(sr.sr),
+            "degrade": asdict(sr.degrade),
+            "seed": sr.seed,
+        },
+        "data": {
+            "dataset_id": index.dataset_id,
+            "fingerprint": index.fingerprint,
+            "source": str(source) if source else None,
+            "class_counts": counts,
+            "sr_dataset": ckpt.sr_dataset or None,
+        },
+        "training": {
+            "config_fingerprint": ckpt.config_fingerprint
+            or config_fingerprint(cfg, RESULT_NEUTRAL_KEYS),
+            "step": ckpt.step,
+            "epoch": ckpt.epoch,
+            "weights": weights["kind"],
+            "sample_draws": ckpt.sample_draws,
+        },
+        "weights_sha256": weights["sha256"],
+        "formats": weights["formats"],
+        "load_with": f"timm.create_model({cfg.model.name!r}, in_chans=1, num_classes={n})"
+        f".load_state_dict(safetensors.torch.load_file('{WEIGHTS_FILE}'))",
+    }
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    use_ema: bool = True,
+    formats: Sequence[str] = ("safetensors",),
+    sr_checkpoint: str | Path | None = None,
+) -> Path:
+    """Write the model folder ``out`` of a classifier checkpoint (see :mod:`trainer.model_folder`).
 
     Args:
         checkpoint: A checkpoint directory, a run's ``checkpoints/`` folder or a run directory
             (best checkpoint, else newest).
-        out: Output ``.safetensors`` path.
+        out: The folder to write; replaced only when it holds a folder of the same weights.
         use_ema: Export the EMA weights when present.
+        formats: Any of :data:`FORMATS`; the fp32 safetensors are always written.
+        sr_checkpoint: For ``sr``/``lr+sr`` models, the SR run that enhanced the training set
+            (else SR runs beside the classifier's run are searched).
 
     Returns:
-        The written safetensors path.
+        ``out``.
 
     Raises:
-        FileNotFoundError: Naming a missing checkpoint or file.
-        ValueError: Naming a corrupt file.
+        FileNotFoundError: Naming a missing checkpoint, index or SR model.
+        ValueError: Naming a corrupt file, a changed data set, an unknown format, or an
+            ``out`` holding another model.
     """
     from safetensors.torch import save_file
 
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"--format: unknown {unknown}; choose from {list(FORMATS)}")
     ckpt = resolve_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt)
+    if cfg.task != "classify":
+        raise ValueError(f"{ckpt.path}: a {cfg.task!r} checkpoint; export takes a classifier")
+    index = _training_index(cfg, ckpt)
     state = load_fp32_weights(ckpt, use_ema)
-    out_path = Path(out)
-    with atomic_path(out_path) as tmp:
-        save_file(state, str(tmp), metadata={"model": cfg.model.name})
-    sidecar = {
-        "model": cfg.model.name,
-        "task": cfg.task,
-        "in_chans": 1,
-        "num_classes": len(ckpt.classes),
-        "classes": ckpt.classes,
-        "inputs": cfg.data.inputs,
-        "checkpoint": str(ckpt.path),
-        "step": ckpt.step,
-        "epoch": ckpt.epoch,
-        "load_with": f"timm.create_model({cfg.model.name!r}, in_chans=1, "
-        f"num_classes={len(ckpt.classes)}).load_state_dict(safetensors.torch.load_file(path))",
-    }
-    write_json(out_path.with_suffix(".json"), sidecar)
-    return out_path
+    model = create_model(dataclasses.replace(cfg.model, pretrained_path=None), len(ckpt.classes))
+    model.load_state_dict(state)
+    sr = find_sr_model(cfg, ckpt, sr_checkpoint)[0] if needs_sr(cfg.data.inputs) else None
+    out = Path(out)
+    size = index.image_size
+    with staging(out) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"model": cfg.model.name})
+        sha = file_sha256(tmp / WEIGHTS_FILE)
+        check_target(out, sha)  # before the slow parts: refuse another model's folder now
+        written = {"safetensors": WEIGHTS_FILE}
+        if sr is not None:
+            sr_state = sr.model.state_dict()
+            sr_fp32 = {k: v.detach().float().contiguous() for k, v in sr_state.items()}
+            save_file(sr_fp32, str(tmp / SR_WEIGHTS_FILE))
+        if "onnx" in formats:
+            written["onnx"] = export_onnx(model, tmp / ONNX_FILE, size).name
+        if "torchscript" in formats:
+            written["torchscript"] = export_torchscript(model, tmp / TORCHSCRIPT_FILE, size).name
+        kind = "ema" if use_ema and has_ema(ckpt) else "raw"
+        spec = _describe(cfg, ckpt, index, sr, {"sha256": sha, "kind": kind, "formats": written})
+        spec["test"] = test_results(ckpt.path.parent.parent, ckpt, list(ckpt.classes))
+        write_text(tmp / CARD_FILE, render_card(spec, ckpt.path.parent.parent, ckpt))
+        write_model_json(tmp, spec)
+        publish(tmp, out, sha)
+    return out

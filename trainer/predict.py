@@ -38,6 +38,7 @@ from shards.sources import (
 )
 from srmri.atomic import atomic_path
 from srmri.config import config_from_dict
+from trainer.modality import check_greyscale
 
 __all__ = [
     "check_class_order",
@@ -166,6 +167,7 @@ def find_inputs(path: Path) -> list[_Input]:
 def _slices_of(item: _Input, max_slices: int | None) -> Iterator[tuple[int | None, np.ndarray]]:
     """Yield ``(slice index or None, raw 2-D slice)`` of one input, read as ingest reads it."""
     if item.kind == "image":
+        check_greyscale(item.path)
         yield None, read_image_file(item.path)
         return
     if item.kind == "nifti":
@@ -187,6 +189,10 @@ def _row(path: Path, kind: str, index: int | None, class_names: Sequence[str]) -
     return row
 
 
+# Called after each forward pass with its rows, the model's input batch and the probabilities.
+OnBatch = Callable[[list[dict[str, Any]], Tensor, np.ndarray], None]
+
+
 class _Batcher:
     """Collects preprocessed slices and runs the model once a batch is full."""
 
@@ -196,7 +202,9 @@ class _Batcher:
         device: torch.device,
         batch_size: int,
         input_transform: Callable[[Tensor], Tensor] | None,
+        on_batch: OnBatch | None = None,
     ) -> None:
+        self.on_batch = on_batch
         self.model = model
         self.device = device
         self.batch_size = batch_size
@@ -223,6 +231,8 @@ class _Batcher:
         probs = torch.softmax(logits.float(), dim=1).double().cpu().numpy()
         for (row, _), p in zip(self.pending, probs):
             self.probs[id(row)] = p
+        if self.on_batch is not None:
+            self.on_batch([row for row, _ in self.pending], x, probs)
         self.pending = []
 
 
@@ -242,6 +252,7 @@ def predict_paths(
     batch_size: int = 32,
     input_transform: Callable[[Tensor], Tensor] | None = None,
     max_slices: int | None = None,
+    on_batch: OnBatch | None = None,
 ) -> list[dict[str, Any]]:
     """Classify every image, NIfTI volume and DICOM series reachable from ``paths``.
 
@@ -259,6 +270,8 @@ def predict_paths(
             of preprocessed slices before the model (e.g. the degradation for an ``lr`` model).
         max_slices: Most slices per volume, evenly spaced among those with brain (None: all
             slices with brain, chosen as ingest chooses them).
+        on_batch: Optional ``(rows, inputs, probabilities)`` call after each forward pass
+            (under ``torch.inference_mode``), e.g. to draw Grad-CAM overlays of its inputs.
 
     Returns:
         Rows in input order: ``path``, ``kind`` (``image``, ``slice`` or ``volume``), ``slice``
@@ -272,7 +285,7 @@ def predict_paths(
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    batcher = _Batcher(model, device, batch_size, input_transform)
+    batcher = _Batcher(model, device, batch_size, input_transform, on_batch)
     try:
         rows, volumes = _queue_paths(paths, class_names, preprocess_cfg, max_slices, batcher)
         batcher.flush()

@@ -28,8 +28,8 @@ from srmri.config import ConfigError
 from srmri.fingerprint import Difference, config_fingerprint, describe, differences, fingerprint
 from trainer.checkpoint import CheckpointInfo, latest_checkpoint, resolve_checkpoint
 from trainer.config import RESULT_NEUTRAL_KEYS, TrainConfig
-from trainer.export import checkpoint_config
 from trainer.input_kind import needs_sr
+from trainer.weights import checkpoint_config
 
 __all__ = [
     "ClassMismatch",

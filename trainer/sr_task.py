@@ -226,7 +226,7 @@ def load_sr_checkpoint(
         ValueError: If the checkpoint is not from an SR run.
     """
     from trainer.checkpoint import resolve_checkpoint
-    from trainer.export import checkpoint_config, load_fp32_weights
+    from trainer.weights import checkpoint_config, load_fp32_weights
 
     ckpt = resolve_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt)

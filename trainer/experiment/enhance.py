@@ -13,40 +13,19 @@ same OUT with other weights rebuilds the set, and a copied or moved checkpoint d
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
-from torch import nn
 
 from shards.enhance import EnhanceSpec, enhance
 from shards.format import DatasetIndex
 from srmri.config import ConfigError
 from srmri.distributed import init_distributed
 from srmri.exitcodes import CONFIG_ERROR
+from trainer.sr_bundle import weights_id  # re-exported: the SR set's model id
 from trainer.sr_task import load_sr_checkpoint
 
 __all__ = ["enhance_with_checkpoint", "main", "weights_id"]
-
-
-def weights_id(model: nn.Module, step: int) -> str:
-    """An id of a model's weights: a hash of its fp32 state dict and the step that made it.
-
-    Args:
-        model: The loaded model (any device).
-        step: The training step of its checkpoint.
-
-    Returns:
-        ``sr-<16 hex> (step N)``; free of any path.
-    """
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        value = tensor.detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name}\t{tuple(value.shape)}\n".encode())
-        h.update(value.numpy().tobytes())
-    return f"sr-{h.hexdigest()[:16]} (step {step})"
 
 
 def enhance_with_checkpoint(

@@ -17,9 +17,9 @@ import torch
 
 from shards.loader import create_loader
 from trainer.checkpoint import resolve_checkpoint
-from trainer.export import checkpoint_config, load_fp32_weights
 from trainer.rundir import eval_dir_of, predictions_path
 from trainer.task import ClassificationTask
+from trainer.weights import checkpoint_config, load_fp32_weights
 
 __all__ = ["gradcam_png", "pick_examples"]
 

@@ -7,7 +7,7 @@ test split's key hash must equal the one recorded at ingest, or no report is wri
 For checking a reproduction the report states the shard set's ``dataset_id`` and, per run (the
 SR network and every classifier), the pipeline stage's fingerprint (from ``stages.json``: its
 config and its upstream stages') and the sha256 of its weights (:func:`weights_sha256`): the
-fp32 state dict that :func:`trainer.export.load_fp32_weights` reads from the checkpoint the test
+fp32 state dict that :func:`trainer.weights.load_fp32_weights` reads from the checkpoint the test
 split was scored with (the SR run's: the checkpoint enhance used, its best else newest), i.e.
 exactly the tensors ``trainer export`` writes, EMA weights where the run kept an EMA.
 """
@@ -215,7 +215,7 @@ def weights_sha256(state: Mapping[str, Any]) -> str:
     values as contiguous little-endian float32 bytes are hashed.
 
     Args:
-        state: Name -> tensor, e.g. from :func:`trainer.export.load_fp32_weights` or the
+        state: Name -> tensor, e.g. from :func:`trainer.weights.load_fp32_weights` or the
             ``model.safetensors`` that ``trainer export`` writes.
 
     Returns:
@@ -234,7 +234,7 @@ def weights_sha256(state: Mapping[str, Any]) -> str:
 def _run_provenance(stage: str, run: Path, fingerprint: str) -> RunProvenance:
     """Fingerprint and weights hash of one run (its scored checkpoint, else its best/newest)."""
     from trainer.checkpoint import resolve_checkpoint
-    from trainer.export import load_fp32_weights
+    from trainer.weights import load_fp32_weights
 
     scored = eval_metrics_path(eval_dir_of(run, "test"), "test")
     name = json.loads(scored.read_text()).get("checkpoint") if scored.is_file() else None
