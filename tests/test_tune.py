@@ -96,7 +96,7 @@ def _write_search(
     }
     for key, value in (trainer or {}).items():
         section, leaf = key.split(".")
-        base[section][leaf] = value
+        base.setdefault(section, {})[leaf] = value
     (tmp / "base.yaml").write_text(yaml.safe_dump(base))
     doc = {
         "base": {"config": "base.yaml"},
@@ -290,6 +290,7 @@ def test_trial_that_crashes_once_is_retried_from_its_checkpoint(
             tmp_path,
             url,
             {"optim.name": {"choice": ["adamw"]}},
+            trainer={"logging.mlflow_uri": f"file:{tmp_path / 'mlruns'}"},
             num_samples=1,
             max_failures=1,
             scheduler={"name": "fifo"},
@@ -304,6 +305,19 @@ def test_trial_that_crashes_once_is_retried_from_its_checkpoint(
     assert list(frame["epoch"]) == [0, 1, 2]  # epoch 0 was not trained again
     history = pd.read_csv(experiment / frame["trial_id"][0] / "run" / "metrics.csv")
     assert list(history["epoch"]) == [0, 1, 2]
+    # the trial is one MLflow run, named by its trial id under the search's experiment name:
+    # the retry continued the run the crash left behind instead of starting a second one
+    from mlflow.tracking import MlflowClient
+
+    from trainer.tracking import bounded_http
+
+    with bounded_http():
+        client = MlflowClient(tracking_uri=f"file:{tmp_path / 'mlruns'}")
+        found = client.get_experiment_by_name("exp")
+        (run,) = client.search_runs([found.experiment_id])
+        vals = [m.step for m in client.get_metric_history(run.info.run_id, "epoch/val_loss")]
+    assert run.info.run_name == frame["trial_id"][0] and run.info.status == "FINISHED"
+    assert vals == [2, 4, 6]  # one validation per epoch (2 steps each), none logged twice
 
 
 # ---------------------------------------------------------------------------------- Optuna TPE

@@ -27,6 +27,7 @@ __all__ = [
     "CheckpointConfig",
     "DataConfig",
     "EarlyStopConfig",
+    "LoggingConfig",
     "ModelConfig",
     "OptimConfig",
     "SchedConfig",
@@ -55,6 +56,7 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "train.log_every",
     "train.resume",
     "checkpoint",
+    "logging",
 )
 
 # What a resume may change (see README "What a resume may change"): ``optim.lr`` and
@@ -82,6 +84,9 @@ class DataConfig:
         shuffle_chunk: Shuffle buffer of the loader, in samples.
         http_connect_timeout: Seconds to wait for a connection to an http(s) shard server.
         http_read_timeout: Seconds an http(s) shard read may wait for data before retrying.
+        sampler: ``shuffle`` (each training sample once per epoch, in a seeded order) or
+            ``balanced`` (each class drawn equally often, with replacement, in as many samples
+            per epoch as the split holds).
         http_retries: Times one shard stream is re-opened (at the byte reached) after a stall
             or a broken connection before the run stops with an error naming the URL.
     """
@@ -100,6 +105,7 @@ class DataConfig:
     http_connect_timeout: float = 10.0
     http_read_timeout: float = 60.0
     http_retries: int = 3
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
 
     def check(self) -> None:
         require(bool(self.root), "data.root", "set the shard set to train on (data.root=PATH)")
@@ -247,6 +253,9 @@ class TrainSection:
             start of the run so that its numbers do not depend on ``OMP_NUM_THREADS`` or the
             machine's load; 0 means this machine's cores shared among its ranks, resolved once
             and recorded in the saved config (a resume elsewhere then asks for that count).
+        class_weights: Cross-entropy class weights: ``none``, ``auto`` (inverse class
+            frequency of the training split, normalised to mean 1) or one weight per class.
+        label_smoothing: Cross-entropy label smoothing in [0, 1).
         nonfinite_loss: What a nan or infinite training loss (on any rank) does: ``stop`` the
             run with an error, or ``skip`` that optimizer step (its gradients are dropped on
             every rank; BatchNorm statistics of its forward stay; ddp backend only).
@@ -266,6 +275,8 @@ class TrainSection:
     resume: str = "auto"
     threads: int = 1
     nonfinite_loss: Literal["stop", "skip"] = "stop"
+    class_weights: Literal["none", "auto"] | list[float] = "none"
+    label_smoothing: float = 0.0
 
     def check(self) -> None:
         require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -284,6 +295,13 @@ class TrainSection:
         require(self.log_every >= 1, "train.log_every", "must be >= 1")
         require(bool(self.resume), "train.resume", "auto, never or a checkpoint path")
         require(self.threads >= 0, "train.threads", "must be >= 0 (0: the machine's cores)")
+        require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
+        require(
+            not isinstance(self.class_weights, list)
+            or (bool(self.class_weights) and all(w > 0 for w in self.class_weights)),
+            "train.class_weights",
+            "none, auto or a list of positive weights (one per class)",
+        )
 
 
 @dataclass
@@ -334,6 +352,29 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Experiment tracking beside the run directory's own TensorBoard, CSV and JSON logs.
+
+    Attributes:
+        mlflow_uri: MLflow tracking URI (a ``file:`` store or an ``http(s)://`` server); empty:
+            off. Rank 0 logs; a server that goes away costs a warning, never the run.
+        mlflow_experiment: MLflow experiment the runs are logged under.
+        mlflow_run_name: Name of the MLflow run; empty: the run directory's name (the pipeline
+            names its stages' runs, a search its trials').
+        mlflow_parent_run: Id of an MLflow run to nest this run under (the pipeline sets its
+            own); empty: a top-level run.
+    """
+
+    mlflow_uri: str = ""
+    mlflow_experiment: str = "srmri"
+    mlflow_run_name: str = ""
+    mlflow_parent_run: str = ""
+
+    def check(self) -> None:
+        require(bool(self.mlflow_experiment), "logging.mlflow_experiment", "must be a name")
+
+
+@dataclass
 class TrainConfig:
     """One training run.
 
@@ -356,6 +397,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     sr: SRConfig = field(default_factory=SRConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def sr_degradation(self) -> DegradeConfig:
         """The degradation the SR stage trains on and ``enhance`` applies.

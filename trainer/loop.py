@@ -60,7 +60,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import TrainConfig, run_dir_of
-from trainer.export import checkpoint_config, load_fp32_weights
+from trainer.criterion import train_class_counts
 from trainer.factories import LRSchedule, create_optimizer, create_scheduler
 from trainer.precision import autocast as precision_autocast
 from trainer.preempt import (
@@ -86,6 +86,7 @@ from trainer.rundir import (
 )
 from trainer.state import OptimHParams, TrainState
 from trainer.task import Prepare, Task, create_task
+from trainer.weights import checkpoint_config, load_fp32_weights
 
 __all__ = [
     "NonFiniteLoss",
@@ -163,6 +164,7 @@ def _loader(cfg: TrainConfig, task: Task, split: str, train: bool, info: DistInf
         aligned_roots=task.aligned_roots(),
         pin_memory=info.device.type == "cuda",
         http=HttpSettings(d.http_connect_timeout, d.http_read_timeout, d.http_retries),
+        sampler=d.sampler if train else "shuffle",  # evaluation reads each sample once
     )
 
 
@@ -199,12 +201,12 @@ def build_run(cfg: TrainConfig) -> Run:
     identity = run_identity(cfg, index)
     # Checked before the run directory is touched: a refused resume must leave it as it was.
     point = resume_point(cfg, run_dir_of(cfg) / "checkpoints", identity)
+    classes = list(index.classes)
+    task = create_task(cfg, classes, train_class_counts(cfg, index))  # may refuse the config
     rundir = RunDir(run_dir_of(cfg), info.is_main)
     print0(dump_config(cfg))
     print0(f"torch CPU threads: {cfg.train.threads}")
     rundir.save_config(cfg)
-    classes = list(index.classes)
-    task = create_task(cfg, classes)
     train_loader = _loader(cfg, task, cfg.data.train_split, True, info)
     val_loader = _loader(cfg, task, cfg.data.val_split, False, info)
     t = cfg.train
@@ -247,6 +249,7 @@ def build_run(cfg: TrainConfig) -> Run:
         identity=identity,
     )
     _maybe_resume(run, point)
+    rundir.start_tracking(cfg, identity, resumed=point is not None)
     return run
 
 
@@ -487,12 +490,16 @@ def _fit(
     # fails at once instead of interleaving its checkpoints with this one's.
     with locked_run_dir(run_dir_of(cfg), info.is_main):
         run = build_run(cfg)
-        for epoch in range(run.state.epoch, cfg.train.epochs):
-            run.state.epoch = epoch
-            train_loss = _train_epoch(run, preempt)
-            if _end_epoch(run, train_loss, on_epoch_end, preempt):
-                break
-        return _finish(run)
+        try:
+            for epoch in range(run.state.epoch, cfg.train.epochs):
+                run.state.epoch = epoch
+                train_loss = _train_epoch(run, preempt)
+                if _end_epoch(run, train_loss, on_epoch_end, preempt):
+                    break
+            return _finish(run)
+        except BaseException as exc:  # the MLflow run ends as failed (killed: pre-empted)
+            run.rundir.abort(exc)
+            raise
 
 
 @dataclass

@@ -3,7 +3,8 @@
 ``config.yaml`` (resolved config), ``metrics.json`` (final and best validation metrics),
 ``metrics.csv`` (one row per epoch), ``tb/`` (TensorBoard scalars), ``predictions.parquet``
 (key, label, predicted class and one probability column per class), and PNGs of the learning
-curves and confusion matrix (drawn by ``trainer.plots``).
+curves and confusion matrix (drawn by ``trainer.plots``). With ``logging.mlflow_uri`` set, the
+scalars, the summary and the figures also go to an MLflow run (:mod:`trainer.shared_run`).
 
 ``.lock`` is held by the run writing the directory (:func:`locked_run_dir`): a second ``fit``
 on the same directory fails at once, naming the holder, instead of interleaving checkpoints.
@@ -21,7 +22,7 @@ import os
 import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,6 +30,11 @@ import pyarrow.parquet as pq
 from srmri import atomic
 from srmri.config import ConfigError, save_config
 from srmri.distributed import all_gather_objects
+from trainer.tracking import Tracker
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
+    from trainer.resume import RunIdentity
 
 __all__ = [
     "LOCK_FILE",
@@ -262,6 +268,7 @@ class RunDir:
         self.path = path
         self.is_main = is_main
         self._tb: Any = None
+        self.tracker = Tracker("")  # off until start_tracking
         if is_main:
             path.mkdir(parents=True, exist_ok=True)
             if tensorboard:
@@ -279,11 +286,25 @@ class RunDir:
         if self.is_main:
             save_config(cfg, self.path / "config.yaml")
 
+    def start_tracking(self, cfg: TrainConfig, identity: RunIdentity | None, resumed: bool) -> None:
+        """Open the run's MLflow run when ``logging.mlflow_uri`` is set (rank 0).
+
+        Args:
+            cfg: The run's resolved config.
+            identity: What made the run (its data set ids are logged instead of paths).
+            resumed: Whether the run resumed from a checkpoint (it continues its MLflow run).
+        """
+        if self.is_main and cfg.logging.mlflow_uri:
+            from trainer.shared_run import track_training
+
+            self.tracker = track_training(cfg, self.path, identity, resumed)
+
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
-        """TensorBoard scalars at a global step."""
+        """TensorBoard scalars (and MLflow metrics) at a global step."""
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, step)
+        self.tracker.log_metrics(step, values)
 
     def write_history(self, history: list[dict[str, Any]]) -> None:
         """Rewrite ``metrics.csv`` (every epoch's row; columns are the union) and the curves."""
@@ -304,9 +325,28 @@ class RunDir:
         """Write ``metrics.json``."""
         if self.is_main:
             write_json(self.path / "metrics.json", data)
+        if self.tracker.active:
+            from trainer.shared_run import log_summary
+
+            log_summary(self.tracker, _clean(data))
 
     def close(self) -> None:
-        """Flush TensorBoard."""
+        """Flush TensorBoard; log the figures to MLflow and end its run as finished."""
+        if self.tracker.active:
+            from trainer.shared_run import finish_training
+
+            finish_training(self.tracker, self.path)
+        self._close_tb()
+
+    def abort(self, exc: BaseException) -> None:
+        """Close after ``exc`` ended the run: its MLflow run ends as failed (or killed)."""
+        if self.tracker.active:
+            from trainer.shared_run import end_status
+
+            self.tracker.finish(end_status(exc))
+        self._close_tb()
+
+    def _close_tb(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -4,7 +4,9 @@ The trial's run folder is ``EXPERIMENT/<trial_id>/run``. ``trainer.loop.fit`` ca
 epoch's validation and epoch-end checkpoint; the callback hands the row and that checkpoint to
 Ray Tune (``tune.report``), so ASHA can stop a weak trial, PBT can copy a strong one, and a crashed
 or interrupted trial restarts from its last epoch: the restored Tune checkpoint is copied back into
-the run's ``checkpoints/`` folder, where ``fit`` resumes from it by itself.
+the run's ``checkpoints/`` folder, where ``fit`` resumes from it by itself. With the base config's
+``logging.mlflow_uri`` set, each trial is one MLflow run named by its trial id, under an MLflow
+experiment named like the search's experiment (a retried trial continues its run).
 
 A trial with one worker trains in the trial's own process. A trial with several workers starts a
 Ray Train ``TorchTrainer``; Ray Train sets the torchrun-style variables (``RANK``, ``WORLD_SIZE``,
@@ -21,11 +23,14 @@ import os
 import shutil
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 __all__ = ["TrialSetup", "restore_checkpoint", "run_trial", "trial_dirname"]
 
@@ -189,6 +194,16 @@ def _fit_workers(cfg: Any, setup: TrialSetup, trial_dir: Path) -> None:
         raise errors[0]
 
 
+def _tracked(cfg: TrainConfig, experiment_dir: str, trial_id: str) -> TrainConfig:
+    """The trial's config logging under the search's experiment, its MLflow run named by trial."""
+    if not cfg.logging.mlflow_uri:
+        return cfg
+    log = replace(
+        cfg.logging, mlflow_experiment=Path(experiment_dir).name, mlflow_run_name=trial_id
+    )
+    return replace(cfg, logging=log)
+
+
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """The function trainable: build the trial's config, restore its checkpoint, train.
 
@@ -201,8 +216,9 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     from trainer.resume import finishes_run
     from tune.space import trial_config
 
-    trial_dir = Path(setup.experiment_dir) / tune.get_context().get_trial_id()
-    cfg = trial_config(setup.base, config, str(trial_dir))
+    trial_id = tune.get_context().get_trial_id()
+    trial_dir = Path(setup.experiment_dir) / trial_id
+    cfg = _tracked(trial_config(setup.base, config, str(trial_dir)), setup.experiment_dir, trial_id)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from shards.ingest_config import IngestConfig
 from srmri.config import load_config, require
-from trainer.config import TrainConfig, load_train_config
+from trainer.config import LoggingConfig, TrainConfig, load_train_config
 from trainer.input_kind import InputKind, needs_sr, path_safe
 
 __all__ = [
@@ -46,8 +46,16 @@ STAGES_FILE = "stages.json"
 
 # Keys of a stage's config that cannot change what it produces, left out of its fingerprint:
 # where it writes (the pipeline fixes those paths; what is in them is fingerprinted as the
-# upstream stages) and how much it logs or how it is scheduled.
-TRAIN_IGNORE = ("out_dir", "name", "data.root", "data.sr_root", "train.log_every", "train.resume")
+# upstream stages) and how much it logs, where it is tracked or how it is scheduled.
+TRAIN_IGNORE = (
+    "out_dir",
+    "name",
+    "data.root",
+    "data.sr_root",
+    "train.log_every",
+    "train.resume",
+    "logging",
+)
 DATA_IGNORE = ("out", "workers", "ray_address", "overwrite")
 
 StageStatus = Literal["started", "done"]
@@ -131,6 +139,9 @@ class PipelineConfig:
         seeds: Classifier seeds per arm.
         enhance_batch: Batch size of the enhance stage.
         report: Report settings.
+        logging: MLflow tracking of the whole pipeline, set once: with ``mlflow_uri`` set the
+            pipeline is one parent run (the report is logged to it) and every training stage
+            a child run under it, whatever the stage configs say; empty: each stage's own.
     """
 
     out_dir: str = "runs/pipeline"
@@ -141,6 +152,7 @@ class PipelineConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     enhance_batch: int = 16
     report: ReportConfig = field(default_factory=ReportConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def check(self) -> None:
         require(bool(self.arms), "arms", "name at least one input arm")

@@ -37,7 +37,7 @@ from srmri.atomic import write_json
 from srmri.config import dump_config, save_config
 from srmri.distributed import init_distributed, print0
 from srmri.fingerprint import config_fingerprint, fingerprint
-from trainer.config import TrainConfig, run_dir_of
+from trainer.config import LoggingConfig, TrainConfig, run_dir_of
 from trainer.experiment.config import (
     DATA_IGNORE,
     SR_RUN_NAME,
@@ -56,9 +56,11 @@ from trainer.experiment.config import (
     trainer_config,
 )
 from trainer.experiment.enhance import enhance_with_checkpoint
+from trainer.experiment.parent_run import log_report, open_parent_run, stage_logging, tracked_stage
 from trainer.experiment.report import build_report
 from trainer.input_kind import needs_sr
 from trainer.rundir import eval_dir_of
+from trainer.shared_run import end_status
 
 __all__ = [
     "PipelineConfig",
@@ -201,13 +203,17 @@ def _data_stage(cfg: PipelineConfig) -> Stage:
     )
 
 
-def plan_pipeline(cfg: PipelineConfig, dataset_id: str) -> Plan:
+def plan_pipeline(
+    cfg: PipelineConfig, dataset_id: str, logging: LoggingConfig | None = None
+) -> Plan:
     """Every stage of the pipeline with its fingerprint and output folder, without running any.
 
     Args:
         cfg: The pipeline config.
         dataset_id: ``dataset_id`` of the data stage's finished set: every later stage's
             fingerprint depends on it ("" to plan before the set exists).
+        logging: The training stages' logging section (:func:`stage_logging`; no part of any
+            fingerprint), or None to keep the stage configs' own.
 
     Returns:
         The plan; its first stage is the data stage.
@@ -217,7 +223,7 @@ def plan_pipeline(cfg: PipelineConfig, dataset_id: str) -> Plan:
     stages = [data]
     upstream = {"data": fingerprint({"config": data.fingerprint, "dataset_id": dataset_id})}
     sr_upstream = dict(upstream)
-    sr_cfg = _sr_config(cfg, out)
+    sr_cfg = _sr_config(cfg, out, logging)
     sr_used = sr_cfg if sr_cfg is not None and cfg.sr_arms() else None
     if sr_used is not None:
         sr_stages = _sr_stages(cfg, sr_used, out, upstream)
@@ -229,7 +235,7 @@ def plan_pipeline(cfg: PipelineConfig, dataset_id: str) -> Plan:
     degrade = [] if sr_cfg is None else _degrade_overrides(sr_cfg)
     for arm in cfg.arms:
         for seed in cfg.seeds:
-            run_cfg = _arm_config(cfg, out, arm, seed, degrade)
+            run_cfg = _arm_config(cfg, out, arm, seed, degrade, logging)
             stages += _classifier_stages(run_cfg, sr_upstream if needs_sr(arm) else upstream)
     return Plan(stages, sr_used)
 
@@ -251,26 +257,36 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         save_config(cfg, out / "pipeline.yaml")
     stages = Stages(out, info.is_main)
     _run_stage(stages, _data_stage(cfg))
-    plan = plan_pipeline(cfg, read_index(data_dir(out)).dataset_id)
-    for stage in plan.stages[1:]:  # the data stage ran above: the plan needed its set's id
-        _run_stage(stages, stage)
-
-    report_path = out / "report.html"
-    if info.is_main:
-        start = time.perf_counter()
-        build_report(cfg, out, read_index(data_dir(out)), plan.sr_cfg)
-        print0(f"[pipeline] report: done in {time.perf_counter() - start:.1f} s")
-        print0(f"\n[pipeline] report: {report_path.resolve()}")
-    _barrier()
+    dataset_id = read_index(data_dir(out)).dataset_id
+    untracked = plan_pipeline(cfg, dataset_id)  # tracking changes no fingerprint
+    fingerprints = [s.fingerprint for s in untracked.stages]
+    parent = open_parent_run(cfg, out, dataset_id, fingerprints, info.is_main)
+    plan = plan_pipeline(cfg, dataset_id, stage_logging(cfg, parent))
+    try:
+        for stage in plan.stages[1:]:  # the data stage ran above: the plan needed its set's id
+            _run_stage(stages, stage)
+        report_path = out / "report.html"
+        if info.is_main:
+            start = time.perf_counter()
+            build_report(cfg, out, read_index(data_dir(out)), plan.sr_cfg)
+            log_report(parent, out)
+            print0(f"[pipeline] report: done in {time.perf_counter() - start:.1f} s")
+            print0(f"\n[pipeline] report: {report_path.resolve()}")
+        _barrier()
+    except BaseException as exc:  # the parent run ends as failed (killed: interrupted)
+        parent.finish(end_status(exc))
+        raise
+    parent.finish()
     return report_path
 
 
-def _sr_config(cfg: PipelineConfig, out: Path) -> TrainConfig | None:
+def _sr_config(cfg: PipelineConfig, out: Path, logging: LoggingConfig | None) -> TrainConfig | None:
     """The SR stage's trainer config, or None when the pipeline has no SR stage."""
     if not cfg.sr.config:
         return None
     overrides = [f"data.root={data_dir(out)}", f"out_dir={runs_dir(out)}", "task=sr"]
-    return trainer_config(cfg.sr, [*overrides, f"name={SR_RUN_NAME}"])
+    sr_cfg = trainer_config(cfg.sr, [*overrides, f"name={SR_RUN_NAME}"])
+    return tracked_stage(sr_cfg, logging, SR_RUN_NAME)
 
 
 def _sr_stages(
@@ -298,7 +314,12 @@ def _sr_stages(
 
 
 def _arm_config(
-    cfg: PipelineConfig, out: Path, arm: str, seed: int, degrade: list[str]
+    cfg: PipelineConfig,
+    out: Path,
+    arm: str,
+    seed: int,
+    degrade: list[str],
+    logging: LoggingConfig | None,
 ) -> TrainConfig:
     """The trainer config of one classifier: the classify stage plus the pipeline's settings."""
     overrides = [
@@ -311,7 +332,8 @@ def _arm_config(
         f"name={arm_run_name(arm, seed)}",
         "task=classify",
     ]
-    return trainer_config(cfg.classify, overrides)
+    run_cfg = trainer_config(cfg.classify, overrides)
+    return tracked_stage(run_cfg, logging, f"classify/{run_cfg.name}")
 
 
 def _classifier_stages(run_cfg: TrainConfig, upstream: dict[str, str]) -> list[Stage]:
