@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +89,8 @@ def _write_set(root: Path, prefix: str = "imb", counts: bool = True) -> DatasetI
     return index
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()  # fit sets train.threads in this process
-    yield
-    torch.set_num_threads(threads)
+# fit sets train.threads in this process; the module gives the count back afterwards
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,11 +39,8 @@ BASE = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()  # fit sets train.threads in this process
-    yield
-    torch.set_num_threads(threads)
+# fit sets train.threads in this process; the module gives the count back afterwards
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 @pytest.fixture(scope="module")
