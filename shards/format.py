@@ -37,6 +37,7 @@ __all__ = [
     "DatasetIndex",
     "ShardInfo",
     "decode_image",
+    "encode_image",
     "encode_sample",
     "from_uint16",
     "is_url",
@@ -179,6 +180,13 @@ def from_uint16(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32) * np.float32(1.0 / 65535.0)
 
 
+def encode_image(image_u16: np.ndarray) -> bytes:
+    """The ``.npy`` payload a shard stores for a 2-D uint16 image (its checksum's input)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(image_u16, dtype=np.uint16), allow_pickle=False)
+    return buf.getvalue()
+
+
 def encode_sample(key: str, image_u16: np.ndarray, label: int, meta: dict[str, Any]) -> dict:
     """The dict that ``webdataset.ShardWriter.write`` takes for one sample, checksum included.
 
@@ -192,10 +200,8 @@ def encode_sample(key: str, image_u16: np.ndarray, label: int, meta: dict[str, A
         ``{"__key__", "cls", "json", "npy", "xxh3"}``; write it with an integer ``mtime``
         (``TarWriter(..., mtime=0)``), since a float one adds a pax header to every member.
     """
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(image_u16, dtype=np.uint16), allow_pickle=False)
     members = {
-        "npy": buf.getvalue(),
+        "npy": encode_image(image_u16),
         "cls": str(int(label)).encode(),
         "json": json.dumps(meta, sort_keys=True).encode(),
     }

@@ -22,7 +22,7 @@ from shards.sources import dicom
 from shards.verify import verify
 from shards.writer import read_manifest_rows
 from srmri.config import ConfigError, load_config
-from trainer.experiment.enhance import weights_id
+from trainer.sr_bundle import weights_id
 from trainer.srnet import SRConfig, create_sr_model
 
 SIZE = 32

@@ -23,6 +23,7 @@ from typing import Any
 
 from shards.format import DatasetIndex, read_index
 from shards.preprocess import PreprocessConfig
+from shards.writer import file_sha256
 from srmri.atomic import write_text
 from srmri.config import config_from_dict
 from srmri.fingerprint import config_fingerprint
@@ -36,7 +37,6 @@ from trainer.model_folder import (
     FOLDER_FORMAT,
     WEIGHTS_FILE,
     check_target,
-    file_sha256,
     publish,
     staging,
     write_model_json,

@@ -160,11 +160,12 @@ def classifier_from_folder(folder: str | Path) -> Classifier:
     sr = None
     if spec.get("sr"):
         s = spec["sr"]
-        net = create_sr_model(config_from_dict(SRConfig, s["arch"]))
+        arch_cfg = config_from_dict(SRConfig, s["arch"])
+        net = create_sr_model(arch_cfg)
         net.load_state_dict(load_file(str(folder / s["weights"])))
         sr = SRModel(
             net.eval(),
-            config_from_dict(SRConfig, s["arch"]),
+            arch_cfg,
             s["model_id"],
             config_from_dict(DegradeConfig, s["degrade"]),
             int(s["seed"]),

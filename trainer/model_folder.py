@@ -16,7 +16,6 @@ model folder, is refused.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from shards.writer import file_sha256
 from srmri.atomic import write_json
 from srmri.fingerprint import fingerprint
 
@@ -34,7 +34,6 @@ __all__ = [
     "WEIGHTS_FILE",
     "ModelFolderError",
     "check_target",
-    "file_sha256",
     "publish",
     "read_model_folder",
     "staging",
@@ -50,15 +49,6 @@ _SELF = "self_sha256"
 
 class ModelFolderError(ValueError):
     """A model folder that cannot be used or written; the message names it and the problem."""
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _self_hash(data: dict[str, Any]) -> str:

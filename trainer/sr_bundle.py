@@ -16,18 +16,16 @@ evaluation saw.
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from shards.checksum import payload_digest
 from shards.degrade import EVAL_EPOCH, DegradeConfig, degrade, sample_generator
-from shards.format import read_index, to_uint16
+from shards.format import encode_image, read_index, to_uint16
 from srmri.config import config_from_dict
 from trainer.checkpoint import CheckpointInfo, find_checkpoints, resolve_checkpoint
 from trainer.config import TrainConfig
@@ -161,12 +159,8 @@ def image_digests(batch: torch.Tensor) -> list[str]:
     The per-sample draws of the loader and of enhance are seeded from this digest (see
     :mod:`shards.degrade`), so an image equal to a stored one gets the same LR input.
     """
-    out = []
-    for image in batch.detach().to("cpu", torch.float32).numpy():
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(to_uint16(image[0])), allow_pickle=False)
-        out.append(payload_digest(buf.getvalue()))
-    return out
+    images = batch.detach().to("cpu", torch.float32).numpy()
+    return [payload_digest(encode_image(to_uint16(image[0]))) for image in images]
 
 
 def lr_images(

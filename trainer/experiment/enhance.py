@@ -22,10 +22,10 @@ from shards.format import DatasetIndex
 from srmri.config import ConfigError
 from srmri.distributed import init_distributed
 from srmri.exitcodes import CONFIG_ERROR
-from trainer.sr_bundle import weights_id  # re-exported: the SR set's model id
+from trainer.sr_bundle import weights_id
 from trainer.sr_task import load_sr_checkpoint
 
-__all__ = ["enhance_with_checkpoint", "main", "weights_id"]
+__all__ = ["enhance_with_checkpoint", "main"]
 
 
 def enhance_with_checkpoint(

@@ -17,6 +17,7 @@ import torch
 
 from shards.loader import create_loader
 from trainer.checkpoint import resolve_checkpoint
+from trainer.gradcam_overlay import TARGET_LAYER
 from trainer.rundir import eval_dir_of, predictions_path
 from trainer.task import ClassificationTask
 from trainer.weights import checkpoint_config, load_fp32_weights
@@ -80,7 +81,7 @@ def gradcam_png(run_dir: Path, data_root: Path, path: Path, per_class: int = 2) 
         return None
     x = torch.stack([images[k] for k in keys])
     pred = torch.tensor([chosen[k][1] for k in keys])
-    maps = GradCAM(nn_module=model, target_layers="layer4")(x=x, class_idx=pred).detach()
+    maps = GradCAM(nn_module=model, target_layers=TARGET_LAYER)(x=x, class_idx=pred).detach()
     n_cls = len(ckpt.classes)
     cols = 2 * per_class
     fig, axes = plt.subplots(n_cls, cols, figsize=(2.0 * cols, 2.1 * n_cls), squeeze=False)
