@@ -12,8 +12,14 @@ total wall time against the issue's targets (10 minutes idle, 13 busy), the load
 before and after each run, and whether the two runs in their fresh folders gave the same test
 accuracies to 4 decimals. Full logs go to ``OUT/<mode>.log``.
 
+With ``--fresh-clone`` each mode instead clones this repository's HEAD into ``OUT/<mode>``
+and runs what a new user runs there, ``make setup`` then ``make quickstart`` (its config is
+the clone's own ``configs/quickstart.yaml``), and the total is set-up plus quickstart: the
+figure issue 14's targets are about. The busy process runs beside both.
+
     python benchmarks/quickstart_time.py                         # both modes, OUT in /tmp
     python benchmarks/quickstart_time.py --modes idle --out /tmp/qs
+    python benchmarks/quickstart_time.py --fresh-clone --out /tmp/qs-fresh
 """
 
 from __future__ import annotations
@@ -39,50 +45,72 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
     p.add_argument("--out", default="", help="folder for the runs (default: a new temp folder)")
     p.add_argument("--modes", default="idle,busy", help="comma-separated: idle, busy")
+    p.add_argument(
+        "--fresh-clone", action="store_true", help="clone HEAD, time `make setup` + quickstart"
+    )
     return p
 
 
-def run_mode(config: str, out: Path, mode: str) -> dict:
-    """Run the pipeline once in ``out/mode``; returns its stage times, wall time and loads.
-
-    Args:
-        config: The pipeline config.
-        out: The benchmark's folder.
-        mode: ``idle`` or ``busy`` (a busy-loop process runs beside the pipeline).
-
-    Returns:
-        ``{"mode", "wall_s", "stages": {name: s}, "load_before", "load_after", "accuracy"}``.
-    """
+def _commands(config: str, out: Path, mode: str, fresh_clone: bool) -> tuple[Path, list]:
+    """Where the run writes its results and the timed ``(label, argv, cwd)`` steps of a mode."""
     run_dir = out / mode
     if run_dir.exists():
         raise SystemExit(f"{run_dir} exists: the benchmark times runs in fresh folders")
-    cmd = [sys.executable, "-m", "launch.cli", "pipeline", "--config", config]
-    cmd.append(f"out_dir={run_dir}")
+    if not fresh_clone:
+        cmd = [sys.executable, "-m", "launch.cli", "pipeline", "--config", config]
+        return run_dir, [("quickstart", [*cmd, f"out_dir={run_dir}"], ROOT)]
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(run_dir)], check=True)
+    steps = [("setup", ["make", "setup"], run_dir), ("quickstart", ["make", "quickstart"], run_dir)]
+    return run_dir / "runs" / "quickstart", steps
+
+
+def run_mode(config: str, out: Path, mode: str, fresh_clone: bool = False) -> dict:
+    """Run the quickstart once in a fresh folder; returns its stage times, wall time and loads.
+
+    Args:
+        config: The pipeline config (unused with ``fresh_clone``: the clone's own).
+        out: The benchmark's folder.
+        mode: ``idle`` or ``busy`` (a busy-loop process runs beside the pipeline).
+        fresh_clone: Clone HEAD into ``out/mode`` and time ``make setup`` + ``make quickstart``.
+
+    Returns:
+        ``{"mode", "wall_s", "stages": {name: s}, "load_before", "load_after", "accuracy"}``;
+        with ``fresh_clone`` the stages include ``setup``.
+    """
+    results_dir, steps = _commands(config, out, mode, fresh_clone)
     hog = None
     if mode == "busy":
         hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         time.sleep(2.0)  # let the scheduler see it before the pipeline starts
     load_before = os.getloadavg()[0]
-    start = time.perf_counter()
+    timed: dict[str, float] = {}
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
     try:
         with open(out / f"{mode}.log", "w") as log:
-            status = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+            for label, cmd, cwd in steps:
+                start = time.perf_counter()
+                status = subprocess.run(
+                    cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env
+                ).returncode
+                timed[label] = time.perf_counter() - start
+                if status != 0:
+                    raise SystemExit(f"{mode}: {label} exit {status}; see {out}/{mode}.log")
     finally:
         if hog is not None:
             hog.kill()
             hog.wait()
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"{mode}: the pipeline failed (exit {status}); see {out / mode}.log")
     text = (out / f"{mode}.log").read_text()
-    results = json.loads((run_dir / "results.json").read_text())
+    results = json.loads((results_dir / "results.json").read_text())
     accuracy = {
         arm: [round(s["accuracy"], 4) for s in a["per_seed"]] for arm, a in results["arms"].items()
     }
+    stages = {name: float(s) for name, s in _DONE.findall(text)}
+    if "setup" in timed:
+        stages = {"setup": timed["setup"], **stages}
     return {
         "mode": mode,
-        "wall_s": wall,
-        "stages": {name: float(s) for name, s in _DONE.findall(text)},
+        "wall_s": sum(timed.values()),
+        "stages": stages,
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
         "accuracy": accuracy,
@@ -121,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in modes:
         if m not in TARGETS_S:
             raise SystemExit(f"--modes: unknown mode {m!r} (idle, busy)")
-    runs = [run_mode(args.config, out, m) for m in modes]
+    runs = [run_mode(args.config, out, m, args.fresh_clone) for m in modes]
     print_table(runs)
     print(f"\ncommand: {shlex.join([sys.executable, *sys.argv])}  (cpus: {os.cpu_count()})")
     return 0
