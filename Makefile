@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv/bin
 
-.PHONY: setup quickstart test lint bench
+.PHONY: setup quickstart test lint bench lock
 
 setup:
 	@bash scripts/setup.sh
@@ -15,3 +15,6 @@ test: setup
 
 lint: setup
 	$(VENV)/ruff check . && $(VENV)/ruff format --check .
+
+lock: setup
+	@bash scripts/lock.sh
