@@ -120,7 +120,74 @@ def test_rerun_skips_every_stage(finished: Path, tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-2000:]
     assert "running" not in again.stdout.replace("[pipeline] report", "")
     assert "[pipeline] data: done before" in again.stdout and "nothing to do" in again.stdout
-    assert again.stdout.count("done before") == 3 + 2 * 4 * 2  # data, sr, enhance; fit+eval x8
+    # data, sr, enhance; fit+eval x8; the report
+    assert again.stdout.count("done before") == 3 + 2 * 4 * 2 + 1
+
+
+def test_plan_lists_every_stage_with_its_upstream_and_what_is_done(finished: Path) -> None:
+    plan = subprocess.run(
+        [*_cmd(finished), "--plan"],
+        cwd=ROOT,
+        env=_env(finished.parent),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    doc = json.loads(plan.stdout)
+    stages = {s["name"]: s for s in doc["stages"]}
+    assert doc["dataset_id"] == read_index(finished / "data").dataset_id
+    assert next(iter(stages)) == "data" and list(stages)[-1] == "report"
+    assert stages["classify/sr-seed1"]["upstream"] == ["data", "sr", "enhance"]
+    assert stages["evaluate/hr-seed0"]["upstream"] == ["data", "classify/hr-seed0"]
+    assert set(stages["report"]["upstream"]) == set(stages) - {"report"}
+    assert not stages["data"]["distributed"] and not stages["report"]["distributed"]
+    assert stages["sr"]["distributed"] and stages["evaluate/lr-seed1"]["distributed"]
+    assert not stages["data"]["done"]  # it always runs: only ingest can tell
+    assert all(s["done"] for n, s in stages.items() if n != "data")
+    recorded = read_stages(finished)
+    assert all(s["fingerprint"] == recorded[n].fingerprint for n, s in stages.items())
+
+
+def test_a_stage_alone_waits_for_its_upstream(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+
+    def stage(name: str) -> subprocess.CompletedProcess[str]:
+        cmd = [*_cmd(out), "arms=[hr,sr]", "seeds=[0]", "--stage", name]
+        return subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True)
+
+    early = stage("sr")
+    assert early.returncode == 1 and "data set, which is not made yet" in early.stderr
+    assert stage("data").returncode == 0
+    assert read_stages(out)["data"].status == "done" and "sr" not in read_stages(out)
+    blocked = stage("evaluate/sr-seed0")
+    assert blocked.returncode == 1
+    assert "reads sr, which is not done (never ran)" in blocked.stderr
+    unknown = stage("classify/lr-seed0")  # not an arm of this run
+    assert unknown.returncode == 2 and "classify/hr-seed0" in unknown.stderr
+    assert set(read_stages(out)) == {"data"}  # nothing ran past a refusal
+
+
+def _mark_many(out: str, prefix: str) -> None:
+    from trainer.experiment.stage import Stage, Stages
+
+    for i in range(40):
+        stage = Stage(f"{prefix}/{i}", f"fp-{prefix}-{i}", Path(out) / prefix, lambda: None)
+        Stages(Path(out), is_main=True).mark(stage, "done")
+
+
+def test_stages_marked_by_concurrent_processes_are_all_kept(tmp_path: Path) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_mark_many, args=(str(tmp_path), p)) for p in ("a", "b", "c")]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    records = read_stages(tmp_path)
+    assert len(records) == 3 * 40
+    assert records["b/7"].fingerprint == "fp-b-7"
 
 
 def test_report_refuses_a_moved_test_split(finished: Path) -> None:
@@ -324,3 +391,32 @@ def test_report_renders_in_headless_chromium(finished: Path, tmp_path: Path) -> 
     assert shot.is_file() and shot.stat().st_size > 20_000, proc.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.std() > 10  # text, tables and figures, not a blank page
+
+
+def test_the_pipeline_under_torchrun_uses_every_rank(tmp_path: Path) -> None:
+    """Training, evaluation and enhance on both ranks; ingest and the report on rank 0 alone."""
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd = [*torchrun, "--log-dir", str(logs), "--tee", "3", *_cmd(out)[1:]]
+    done = subprocess.run(
+        [*cmd, "arms=[hr,sr]", "seeds=[0]"],
+        cwd=ROOT,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (out / "report.html").is_file()
+    assert all(r.status == "done" for r in read_stages(out).values())
+    for run in ("sr", "hr-seed0", "sr-seed0"):
+        assert resolve_checkpoint(out / "runs" / run).world_size == 2, run
+    n_test = read_index(out / "data").num_samples("test")
+    metrics = json.loads(
+        (out / "runs" / "hr-seed0" / "eval-test" / "metrics_test.json").read_text()
+    )
+    assert metrics["n"] == n_test  # both ranks' shares gathered, none counted twice
+    rank_logs = {p.parent.name: p.read_text() for p in logs.rglob("stdout.log")}
+    assert set(rank_logs) == {"0", "1"}
+    ingest_summary = "accounted for ("  # the data stage's last line: it ran on rank 0 alone
+    assert ingest_summary in rank_logs["0"] and ingest_summary not in rank_logs["1"]
+    assert "[pipeline] report:" in rank_logs["0"]
