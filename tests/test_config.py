@@ -95,7 +95,7 @@ def test_every_shipped_config_loads_and_checks(path: Path, monkeypatch: pytest.M
     import yaml
 
     from trainer.config import load_train_config
-    from trainer.experiment.pipeline import load_pipeline_config, trainer_config
+    from trainer.experiment.config import load_pipeline_config, trainer_config
     from tune.config import load_search_config
 
     monkeypatch.chdir(path.parents[1])  # stage configs are named relative to the repo root
