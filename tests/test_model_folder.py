@@ -28,16 +28,17 @@ from trainer.__main__ import main
 from trainer.config import load_train_config
 from trainer.experiment.enhance import enhance_with_checkpoint
 from trainer.inference import classifier_from_checkpoint, classifier_from_folder
+from trainer.input_kind import path_safe
 from trainer.loop import evaluate, fit
 from trainer.model_folder import ModelFolderError, read_model_folder
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = ("hr", "lr", "sr", "lr+sr")
+ARMS = ("hr", "lr", "sr", "lr+sr", "lr|sr")
 NOISE = "data.degrade.noise_sigma=0.02"
 
 
 def _run_name(arm: str) -> str:
-    return f"{arm.replace('+', '-')}-seed0"
+    return f"{path_safe(arm)}-seed0"
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +83,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def folders(world: Path) -> dict[str, Path]:
-    """One exported folder per input kind (hr with ONNX and TorchScript too)."""
+    """One exported folder per input kind (hr and lr|sr with ONNX and TorchScript too)."""
     made = {}
     for arm in ARMS:
         folder = world.parent / "exported" / _run_name(arm)
-        extra = ["--format", "onnx", "torchscript"] if arm == "hr" else []
+        extra = ["--format", "onnx", "torchscript"] if arm in ("hr", "lr|sr") else []
         run = str(world / "runs" / _run_name(arm))
         assert main(["export", "--checkpoint", run, "--out", str(folder), *extra]) == 0
         made[arm] = folder
@@ -138,8 +139,8 @@ def test_folder_reproduces_the_test_evaluation(world: Path, folders: dict, arm: 
                     seen += 1
     assert seen == 8
     spec = read_model_folder(folders[arm])
-    assert (spec["sr"] is not None) == (arm in ("sr", "lr+sr"))
-    assert (spec["lr"] is not None) == (arm == "lr")
+    assert (spec["sr"] is not None) == (arm in ("sr", "lr+sr", "lr|sr"))
+    assert (spec["lr"] is not None) == (arm in ("lr", "lr|sr"))
     if spec["sr"]:
         assert (folders[arm] / spec["sr"]["weights"]).is_file()
         sr_index = json.loads((world / "data-sr" / "index.json").read_text())
@@ -169,7 +170,44 @@ def test_onnx_and_torchscript_match_torch_on_real_images(world: Path, folders: d
         np.testing.assert_allclose(traced(batch[:2]).numpy(), want[:2], atol=1e-4)
 
 
-@pytest.mark.parametrize("arm", ["hr", "lr+sr"])
+def test_a_two_channel_folder_states_its_channels_and_its_onnx_takes_them(
+    world: Path, folders: dict, tmp_path: Path
+) -> None:
+    """An lr|sr folder: two input channels (LR, then SR) in model.json, the card and ONNX."""
+    import onnxruntime as ort
+
+    folder = folders["lr|sr"]
+    spec = read_model_folder(folder)
+    assert spec["in_chans"] == spec["architecture"]["in_chans"] == spec["input"]["channels"] == 2
+    assert spec["input"]["channel_images"] == ["lr", "sr"] and "in_chans=2" in spec["load_with"]
+    card = (folder / "model_card.md").read_text()
+    assert "2 input channels" in card and "1: the SR image" in card
+    clf = classifier_from_folder(folder)
+    batch = next(iter(create_loader(world / "data", "test", 5, mode="eval")))["image"]
+    x = clf.model_input(batch)
+    assert x.shape == (5, 2, 32, 32)
+    with torch.no_grad():
+        want = clf.model(x).numpy()
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"image": x.numpy()})
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    # A folder whose recorded channels do not fit its input kind is refused, naming both
+    # (re-sealed, so that only the channel count is wrong).
+    from trainer.model_folder import write_model_json
+
+    copy = tmp_path / "one-channel"
+    shutil.copytree(folder, copy)
+    edited = json.loads((copy / "model.json").read_text())
+    for key in ("files", "self_sha256"):
+        del edited[key]
+    edited["architecture"]["in_chans"] = 1
+    (copy / "model.json").unlink()
+    write_model_json(copy, edited)
+    with pytest.raises(ModelFolderError, match=r"1 input channel.*inputs=lr\|sr makes 2"):
+        classifier_from_folder(copy)
+
+
+@pytest.mark.parametrize("arm", ["hr", "lr+sr", "lr|sr"])
 def test_predict_from_the_folder_alone_matches_the_checkpoint(
     world: Path, files: dict, tmp_path: Path, arm: str
 ) -> None:
@@ -374,23 +412,22 @@ def test_a_colour_photo_and_a_tiny_image_are_refused_by_name(
     assert by_name["scan.jpg"]["error"] == "" and by_name["scan.jpg"]["predicted"]
 
 
+@pytest.mark.parametrize("arm", ["lr+sr", "lr|sr"])
 def test_gradcam_writes_one_overlay_per_classified_slice(
-    folders: dict, files: dict, tmp_path: Path
+    folders: dict, files: dict, tmp_path: Path, arm: str
 ) -> None:
     overlays = tmp_path / "cams"
     inputs = [files["jpeg"], files["nifti"]]
-    rows = _predict(
-        tmp_path, ["--model", str(folders["lr+sr"])], inputs, "--gradcam", str(overlays)
-    )
+    rows = _predict(tmp_path, ["--model", str(folders[arm])], inputs, "--gradcam", str(overlays))
     drawn = [r for r in rows if r["kind"] in ("image", "slice")]
     assert drawn and all(r["gradcam"] for r in drawn)
     assert sorted(p.name for p in overlays.glob("*.png")) == sorted(r["gradcam"] for r in drawn)
     assert all((overlays / r["gradcam"]).stat().st_size > 1000 for r in drawn)
-    plain = _predict(tmp_path, ["--model", str(folders["lr+sr"])], inputs)
+    plain = _predict(tmp_path, ["--model", str(folders[arm])], inputs)
     assert "gradcam" not in plain[0]
     np.testing.assert_allclose(
-        _probs(rows, read_model_folder(folders["lr+sr"])["classes"]),
-        _probs(plain, read_model_folder(folders["lr+sr"])["classes"]),
+        _probs(rows, read_model_folder(folders[arm])["classes"]),
+        _probs(plain, read_model_folder(folders[arm])["classes"]),
         atol=1e-6,
     )
 

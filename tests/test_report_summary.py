@@ -55,3 +55,53 @@ def test_real_data_and_several_seeds_change_the_limits() -> None:
     assert len(text) == 4  # no SR sentence without an SR stage
     assert "9 classifiers" in text[0] and "kaggle" in text[0] and "(x" not in text[0]
     assert "3 training seeds" in text[3] and "one data set from one source (kaggle)" in text[3]
+
+
+# ------------------------------------------------------------------ the lr|sr arm in the report
+
+
+def test_an_arm_no_pair_names_is_compared_with_lr() -> None:
+    from trainer.experiment.config import ReportConfig
+    from trainer.experiment.report import report_pairs
+
+    defaults = ReportConfig().pairs
+    arms = ["hr", "lr", "sr", "lr+sr", "lr|sr"]
+    pairs = report_pairs(arms, defaults)
+    assert pairs[: len(defaults)] == [tuple(p) for p in defaults]
+    assert pairs.count(("lr|sr", "lr")) == 1 and len(pairs) == len(set(pairs))
+    assert report_pairs(["hr", "lr", "sr", "lr+sr"], defaults) == [tuple(p) for p in defaults]
+    assert report_pairs(["hr", "lr|sr"], defaults) == [tuple(p) for p in defaults]  # no lr arm
+    mine = [("lr|sr", "sr")]
+    assert report_pairs(["lr", "sr", "lr|sr"], mine) == [("lr|sr", "sr")]  # named: as given
+
+
+def test_the_lr_sr_arm_has_its_row_its_comparison_and_whole_markdown_tables(tmp_path) -> None:
+    import numpy as np
+
+    from trainer.experiment.config import ReportConfig
+    from trainer.experiment.pages import write_md
+    from trainer.experiment.report import report_pairs
+    from trainer.experiment.results import SUMMARY
+    from trainer.experiment.stats import compare_arms
+
+    rng = np.random.default_rng(0)
+    correct = {arm: rng.random((1, 40)) < 0.7 for arm in ("lr", "sr", "lr|sr")}
+    pairs = report_pairs(list(correct), ReportConfig().pairs)
+    comparisons = compare_arms(correct, pairs, n_boot=200)
+    assert [(c.a, c.b) for c in comparisons] == [("sr", "lr"), ("lr|sr", "lr")]
+    res = _results("synth", [0], None)
+    res.arms = {
+        arm: ArmResults([0], {k: (acc, 0.0) for k in SUMMARY}, {}, [])
+        for arm, acc in (("lr", 0.7), ("sr", 0.75), ("lr|sr", 0.8))
+    }
+    res.comparisons = comparisons
+    text = summary_sentences(res)
+    assert "lr|sr (each low-resolution copy and its enhanced copy as the two channels" in text[0]
+    assert "lr|sr 0.800" in text[1] and "lr|sr" in text[-2]  # the paired verdicts
+    write_md(tmp_path / "report.md", res, {}, tmp_path)
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| arm |"))
+    row = next(line for line in lines if line.startswith("| lr\\|sr | 0.800 |"))
+    # The escaped pipe is no cell border: the row has as many cells as the header.
+    assert row.replace("\\|", "").count("|") == header.count("|")
+    assert any(line.startswith("| lr\\|sr − lr |") for line in lines)

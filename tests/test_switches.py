@@ -10,6 +10,7 @@ switch the engine ignored would fail its test:
 * DeepSpeed ZeRO stage 0 (against ZeRO 1 and DDP) and the ``zero_to_fp32`` export of a ZeRO-2
   bf16 run;
 * a ResNet50 initialised from a local 3-channel weights file;
+* ``data.inputs=lr|sr`` (LR and SR stacked as two channels) against ``lr`` and ``sr``;
 * DDP with bf16 autocast on 2 gloo processes, fp16 with a grad scaler, channels-last and
   ``torch.compile``.
 
@@ -37,6 +38,7 @@ import torch
 from helpers import TINY_SGD_RUN, make_shard_set, run_distributed
 
 from trainer.config import load_train_config
+from trainer.input_kind import path_safe
 from trainer.loop import evaluate, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +55,13 @@ CONSTANT_METRIC = ("train.early_stop.metric=n", "train.early_stop.mode=max")
 # ----------------------------------------------------------------------------------- helpers
 
 
+TOY_LAYOUT = {"train": [24, 20, 20], "val": [7, 6], "test": [5, 4]}
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("switches") / "toy"
-    make_shard_set(root, {"train": [24, 20, 20], "val": [7, 6], "test": [5, 4]}, size=32)
+    make_shard_set(root, TOY_LAYOUT, size=32)
     return root
 
 
@@ -486,6 +491,45 @@ def test_pretrained_resnet50_from_a_local_3_channel_file(shards: Path, tmp_path:
     assert len(rest) > 100
     for k in rest:
         assert torch.allclose(got[k], imagenet[k], atol=1e-6), k
+
+
+# ------------------------------------------------------------------------------ input kinds
+
+
+def test_inputs_lr_sr_feeds_lr_and_sr_as_two_channels(shards: Path, tmp_path: Path) -> None:
+    """``lr|sr`` is neither ``lr`` nor ``sr``: its first training step's stem input is the lr
+    run's input stacked on the sr run's, and its first convolution takes two channels."""
+    sr_set = tmp_path / "sr-set"
+    make_shard_set(sr_set, TOY_LAYOUT, size=32, seed=1)  # same keys, other pixels: a stand-in
+    first: dict[str, torch.Tensor] = {}
+    kind = ""
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        # The first convolution a run calls in training is the stem, on its first batch (the
+        # batch order depends on the seed and the main set only: the same for every kind).
+        if isinstance(module, torch.nn.Conv2d) and module.training and kind not in first:
+            first[kind] = args[0].detach().clone()
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    runs = {}
+    try:
+        for kind in ("lr", "sr", "lr|sr"):
+            extra = (f"data.inputs={kind}", f"data.sr_root={sr_set}", "train.max_steps_per_epoch=1")
+            runs[kind] = _fit(shards, tmp_path, path_safe(kind), *extra)[1]
+    finally:
+        handle.remove()
+    assert first["lr"].shape[1] == first["sr"].shape[1] == 1 and first["lr|sr"].shape[1] == 2
+    assert not torch.equal(first["lr"], first["sr"])
+    assert torch.equal(first["lr|sr"][:, :1], first["lr"])
+    assert torch.equal(first["lr|sr"][:, 1:], first["sr"])
+    # Read from the checkpoint: exporting needs a real SR set (its model is bundled), and
+    # tests/test_model_folder.py exports an lr|sr model made behind one.
+    from trainer.checkpoint import resolve_checkpoint
+    from trainer.weights import load_fp32_weights
+
+    stems = {k: load_fp32_weights(resolve_checkpoint(r))["conv1.0.weight"] for k, r in runs.items()}
+    assert stems["lr"].shape[1] == stems["sr"].shape[1] == 1 and stems["lr|sr"].shape[1] == 2
+    assert stems["lr|sr"].shape[0] == stems["lr"].shape[0]
 
 
 # --------------------------------------------------------------------------- precision, format

@@ -35,7 +35,7 @@ def _strip_local_rank(argv: Sequence[str]) -> list[str]:
     return out
 
 
-_SR_HELP = "the SR run that enhanced an sr/lr+sr model's training set (default: search beside)"
+_SR_HELP = "the SR run that enhanced an sr, lr+sr or lr|sr model's training set (default: beside)"
 
 
 def _parser() -> argparse.ArgumentParser:

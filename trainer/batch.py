@@ -21,7 +21,8 @@ class TaskSample(Sample, total=False):
 
     Keys (besides :class:`shards.sample.Sample`'s):
         image: The model's input: the HR, LR (degraded and upsampled back), or SR image of
-            the run's ``data.inputs``; for the SR task, the LR input at its small size.
+            the run's ``data.inputs``, ``[1,H,W]``; for ``lr|sr`` the LR and SR images as
+            channels 0 and 1, ``[2,H,W]``; for the SR task, the LR input at its small size.
         image2: ``lr+sr`` in training only: the key's second view (SR), a separate training
             sample with the same label.
         target: SR task only: the HR image (or patch) the network must reproduce.

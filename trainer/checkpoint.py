@@ -86,8 +86,8 @@ class CheckpointMarker:
         config_fingerprint: :func:`srmri.fingerprint.config_fingerprint` of the run's config
             without :data:`trainer.config.RESULT_NEUTRAL_KEYS` ("" in older checkpoints).
         dataset_id: ``dataset_id`` of the shard set trained on ("" when not recorded).
-        sr_dataset: For ``sr``/``lr+sr`` inputs, the SR shard set's id and the model and
-            settings that made it; "" otherwise.
+        sr_dataset: For SR inputs (``sr``, ``lr+sr``, ``lr|sr``), the SR shard set's id and
+            the model and settings that made it; "" otherwise.
         threads: Torch CPU threads the run computed with (0 when not recorded).
         sample_draws: :data:`shards.degrade.SAMPLE_DRAWS` of the run ("" in checkpoints made
             when per-sample draws were seeded from keys).

@@ -72,8 +72,10 @@ class DataConfig:
     Attributes:
         root: Shard set (local folder or http(s) URL) with ``index.json``.
         inputs: ``hr`` stored image; ``lr`` degraded then upsampled back; ``sr`` the aligned
-            image of ``sr_root``; ``lr+sr`` both, as separate training samples (SR at eval).
-        sr_root: Shard set written by ``shards enhance``, aligned by key (``sr``/``lr+sr``).
+            image of ``sr_root``; ``lr+sr`` both, as separate training samples (SR at eval);
+            ``lr|sr`` both, as the two channels of one sample (a two-channel network).
+        sr_root: Shard set written by ``shards enhance``, aligned by key (``sr``, ``lr+sr``,
+            ``lr|sr``).
         degrade: The degradation making the ``lr`` input (and the SR task's LR input).
         upsample: How the ``lr`` input goes back to the stored size.
         batch_size: Training samples per rank per micro-step.
@@ -131,7 +133,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The network: any timm model by name, one input channel, classes from the shard set.
+    """The network: any timm model by name, classes from the shard set.
+
+    Its input channels follow ``data.inputs`` (two for ``lr|sr``, else one:
+    :func:`trainer.input_kind.input_channels`), so the saved config rebuilds the same network.
 
     Attributes:
         name: timm model name (``resnet50`` by default).

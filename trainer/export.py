@@ -1,13 +1,14 @@
 """``trainer export``: a checkpoint as a self-describing model folder that needs nothing else.
 
 The folder (see :mod:`trainer.model_folder`) holds ``model.safetensors``, a plain fp32 state dict
-that bare timm loads (``timm.create_model(name, in_chans=1, num_classes=C)`` then
-``load_state_dict``), the formats asked for (ONNX, TorchScript: :mod:`trainer.onnx_export`), the
-SR model an ``sr``/``lr+sr`` classifier needs (:mod:`trainer.sr_bundle`), ``model_card.md``
-(:mod:`trainer.model_card`) and ``model.json``: architecture, classes in output order, input size
-and kind, the training set's preprocessing, the ``lr`` degradation, the SR model, fingerprints of
-the training config and data set, and the sha256 of every file. ``trainer predict --model DIR``
-classifies files with that folder alone.
+that bare timm loads (``timm.create_model(name, in_chans=C_in, num_classes=C)`` then
+``load_state_dict``; ``C_in`` is 2 for ``lr|sr``, else 1), the formats asked for (ONNX,
+TorchScript: :mod:`trainer.onnx_export`), the SR model an ``sr``/``lr+sr``/``lr|sr`` classifier
+needs (:mod:`trainer.sr_bundle`), ``model_card.md`` (:mod:`trainer.model_card`) and
+``model.json``: architecture, classes in output order, input size, kind and channels (the image
+of each, in order), the training set's preprocessing, the LR degradation (``lr``, ``lr|sr``),
+the SR model, fingerprints of the training config and data set, and the sha256 of every file.
+``trainer predict --model DIR`` classifies files with that folder alone.
 
 Weights are read by :func:`trainer.weights.load_fp32_weights` (EMA first, then DeepSpeed's
 fp32 masters, then ``module.pt``).
@@ -15,7 +16,6 @@ fp32 masters, then ``module.pt``).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -29,8 +29,8 @@ from srmri.config import config_from_dict
 from srmri.fingerprint import config_fingerprint
 from trainer.checkpoint import CheckpointInfo, resolve_checkpoint
 from trainer.config import RESULT_NEUTRAL_KEYS, TrainConfig
-from trainer.factories import create_model
-from trainer.input_kind import needs_sr
+from trainer.factories import create_classifier
+from trainer.input_kind import input_channels, needs_sr
 from trainer.model_card import render_card, test_results
 from trainer.model_folder import (
     CARD_FILE,
@@ -94,25 +94,27 @@ def _describe(
     source = index.config.get("source") if isinstance(index.config, dict) else None
     counts = index.counts.get("samples") if isinstance(index.counts, dict) else None
     d = cfg.data
+    channels = input_channels(d.inputs)
     return {
         "format": FOLDER_FORMAT,
         "model": cfg.model.name,
         "architecture": {
             "library": "timm",
             "name": cfg.model.name,
-            "in_chans": 1,
+            "in_chans": len(channels),
             "num_classes": n,
             "drop_rate": cfg.model.drop_rate,
         },
         "classes": list(ckpt.classes),
         "num_classes": n,
-        "in_chans": 1,
+        "in_chans": len(channels),
         "inputs": d.inputs,
         "input": {
             "name": "image",
             "kind": d.inputs,
             "size": pre.size,
-            "channels": 1,
+            "channels": len(channels),
+            "channel_images": list(channels),
             "layout": "NCHW",
             "dtype": "float32",
             "range": [0.0, 1.0],
@@ -120,7 +122,7 @@ def _describe(
         },
         "preprocess": asdict(pre),
         "lr": {"degrade": asdict(d.degrade), "upsample": d.upsample, "seed": cfg.train.seed}
-        if d.inputs == "lr"
+        if "lr" in channels
         else None,
         "sr": None
         if sr is None
@@ -148,7 +150,8 @@ def _describe(
         },
         "weights_sha256": weights["sha256"],
         "formats": weights["formats"],
-        "load_with": f"timm.create_model({cfg.model.name!r}, in_chans=1, num_classes={n})"
+        "load_with": f"timm.create_model({cfg.model.name!r}, in_chans={len(channels)}, "
+        f"num_classes={n})"
         f".load_state_dict(safetensors.torch.load_file('{WEIGHTS_FILE}'))",
     }
 
@@ -168,8 +171,8 @@ def export_checkpoint(
         out: The folder to write; replaced only when it holds a folder of the same weights.
         use_ema: Export the EMA weights when present.
         formats: Any of :data:`FORMATS`; the fp32 safetensors are always written.
-        sr_checkpoint: For ``sr``/``lr+sr`` models, the SR run that enhanced the training set
-            (else SR runs beside the classifier's run are searched).
+        sr_checkpoint: For ``sr``/``lr+sr``/``lr|sr`` models, the SR run that enhanced the
+            training set (else SR runs beside the classifier's run are searched).
 
     Returns:
         ``out``.
@@ -190,8 +193,9 @@ def export_checkpoint(
         raise ValueError(f"{ckpt.path}: a {cfg.task!r} checkpoint; export takes a classifier")
     index = _training_index(cfg, ckpt)
     state = load_fp32_weights(ckpt, use_ema)
-    model = create_model(dataclasses.replace(cfg.model, pretrained_path=None), len(ckpt.classes))
+    model = create_classifier(cfg, len(ckpt.classes), pretrained=False)
     model.load_state_dict(state)
+    in_chans = len(input_channels(cfg.data.inputs))
     sr = find_sr_model(cfg, ckpt, sr_checkpoint)[0] if needs_sr(cfg.data.inputs) else None
     out = Path(out)
     size = index.image_size
@@ -205,9 +209,10 @@ def export_checkpoint(
             sr_fp32 = {k: v.detach().float().contiguous() for k, v in sr_state.items()}
             save_file(sr_fp32, str(tmp / SR_WEIGHTS_FILE))
         if "onnx" in formats:
-            written["onnx"] = export_onnx(model, tmp / ONNX_FILE, size).name
+            written["onnx"] = export_onnx(model, tmp / ONNX_FILE, size, in_chans).name
         if "torchscript" in formats:
-            written["torchscript"] = export_torchscript(model, tmp / TORCHSCRIPT_FILE, size).name
+            ts = export_torchscript(model, tmp / TORCHSCRIPT_FILE, size, in_chans)
+            written["torchscript"] = ts.name
         kind = "ema" if use_ema and has_ema(ckpt) else "raw"
         spec = _describe(cfg, ckpt, index, sr, {"sha256": sha, "kind": kind, "formats": written})
         spec["test"] = test_results(ckpt.path.parent.parent, ckpt, list(ckpt.classes))

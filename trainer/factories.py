@@ -1,14 +1,17 @@
 """Builders for the model, optimizer and learning-rate schedule, from the config sections.
 
-Models come from timm by name with one input channel and never download weights; a local
-ImageNet weights file is adapted to one channel with timm's ``adapt_input_conv`` (the sum over
-the RGB filters). Optimizers come from timm's ``create_optimizer_v2`` (no weight decay on norms
-and biases). Schedules are torch's LR schedulers, stepped once per optimizer step, behind
+Models come from timm by name and never download weights. A classifier has one input channel
+per image its input kind stacks (:func:`create_classifier`: two for ``lr|sr``, else one); a
+local ImageNet weights file is adapted to that count with timm's ``adapt_input_conv`` (one
+channel: the sum over the RGB filters; two: the RGB filters repeated, scaled by 3/2).
+Optimizers come from timm's ``create_optimizer_v2`` (no weight decay on norms and biases).
+Schedules are torch's LR schedulers, stepped once per optimizer step, behind
 :class:`LRSchedule`, which adds the warmup and the per-epoch plateau step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Literal
 
@@ -20,9 +23,16 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from srmri.torchfile import load_state_dict_file
-from trainer.config import ModelConfig, OptimConfig, SchedConfig
+from trainer.config import ModelConfig, OptimConfig, SchedConfig, TrainConfig
+from trainer.input_kind import input_channels
 
-__all__ = ["LRSchedule", "create_model", "create_optimizer", "create_scheduler"]
+__all__ = [
+    "LRSchedule",
+    "create_classifier",
+    "create_model",
+    "create_optimizer",
+    "create_scheduler",
+]
 
 
 def create_model(cfg: ModelConfig, num_classes: int, in_chans: int = 1) -> nn.Module:
@@ -33,7 +43,8 @@ def create_model(cfg: ModelConfig, num_classes: int, in_chans: int = 1) -> nn.Mo
             ``pretrained_path``, local weights of any channel count (the first conv is adapted,
             a classifier of another size is dropped). Nothing is ever downloaded.
         num_classes: Output classes.
-        in_chans: Input channels (1 for MRI).
+        in_chans: Input channels (1 for one greyscale MRI image; see
+            :func:`create_classifier` for the count an input kind needs).
 
     Returns:
         The model, in train mode, on the CPU.
@@ -54,6 +65,29 @@ def create_model(cfg: ModelConfig, num_classes: int, in_chans: int = 1) -> nn.Mo
     if cfg.pretrained_path:
         _load_pretrained(model, cfg, in_chans)
     return model
+
+
+def create_classifier(cfg: TrainConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
+    """The classifier a run config describes, with the input channels its input kind needs.
+
+    Training, evaluation, ``trainer predict`` and ``trainer export`` all build the network
+    here from the run's (saved) config, so a checkpoint always gets back the network it was
+    trained as: ``data.inputs`` decides ``in_chans`` (:func:`trainer.input_kind.input_channels`).
+
+    Args:
+        cfg: The run config (its ``model`` section and ``data.inputs``).
+        num_classes: Output classes.
+        pretrained: Initialise from ``model.pretrained_path`` when set; False where trained
+            weights are loaded next (the pretrained file may be gone by then).
+
+    Returns:
+        The model, in train mode, on the CPU.
+
+    Raises:
+        ValueError: On an unknown model name, input kind or unusable weights.
+    """
+    model_cfg = cfg.model if pretrained else dataclasses.replace(cfg.model, pretrained_path=None)
+    return create_model(model_cfg, num_classes, in_chans=len(input_channels(cfg.data.inputs)))
 
 
 def _load_pretrained(model: nn.Module, cfg: ModelConfig, in_chans: int) -> None:

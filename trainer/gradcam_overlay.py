@@ -2,9 +2,11 @@
 
 MONAI's ``GradCAM`` on the network's last ResNet stage (``layer4``, as the pipeline's report
 uses), explaining the predicted class of exactly the input the network got (after the ``lr``
-degradation or the SR model). One PNG per classified image or slice, named by its row number in
-the predictions CSV (``row-00003.png``, never by the input's name, which may carry a patient's);
-the CSV's ``gradcam`` column names it.
+degradation or the SR model). The overlay is drawn on the input's first channel: the image
+itself, or for a two-channel ``lr|sr`` input its LR channel (the map explains both channels).
+One PNG per classified image or slice, named by its row number in the predictions CSV
+(``row-00003.png``, never by the input's name, which may carry a patient's); the CSV's
+``gradcam`` column names it.
 """
 
 from __future__ import annotations

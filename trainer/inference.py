@@ -8,14 +8,14 @@ probabilities for the same file.
 The model's input is made from a preprocessed slice the way evaluation made it from a stored
 sample: the slice is put on the uint16 grid the shard set stores, then for ``lr`` degraded and
 upsampled back, for ``sr`` and ``lr+sr`` (evaluation scores the SR image of an ``lr+sr`` run)
-degraded and super-resolved by the bundled SR model exactly as ``shards enhance`` did. Every
-draw is seeded from the image's payload digest at ``EVAL_EPOCH``, so an image equal to a stored
-sample gets the LR input the run was evaluated on, whatever batch it is in.
+degraded and super-resolved by the bundled SR model exactly as ``shards enhance`` did, and for
+``lr|sr`` both, stacked as channels 0 (LR) and 1 (SR) as the loader stacks them. Every draw is
+seeded from the image's payload digest at ``EVAL_EPOCH``, so an image equal to a stored sample
+gets the LR input the run was evaluated on, whatever batch it is in.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from shards.degrade import DegradeConfig, upsample_to
 from shards.preprocess import PreprocessConfig
-from trainer.input_kind import InputKind, check_input_kind, needs_sr
+from trainer.input_kind import InputKind, check_input_kind, input_channels, needs_sr
 from trainer.sr_bundle import SRModel, enhance_batch, image_digests, lr_images, quantise
 
 __all__ = ["Classifier", "classifier_from_checkpoint", "classifier_from_folder"]
@@ -35,14 +35,15 @@ class Classifier:
     """A classifier and everything that makes its input from a preprocessed slice.
 
     Attributes:
-        model: The timm network (eval mode), ``[B, 1, H, W] -> logits [B, classes]``.
+        model: The timm network (eval mode), ``[B, C, H, W] -> logits [B, classes]``, ``C``
+            the images of its input kind (:func:`trainer.input_kind.input_channels`).
         classes: Class names in output order.
         preprocess: The ingest preprocessing of the training set.
         inputs: The input kind it was trained on.
-        degrade: The degradation of its ``lr`` input.
-        upsample: How the ``lr`` input returns to the stored size.
-        seed: The run seed (the ``lr`` input's draws).
-        sr: The SR model of ``sr`` and ``lr+sr`` inputs, else None.
+        degrade: The degradation of its LR input (``lr``, ``lr|sr``).
+        upsample: How the LR input returns to the stored size.
+        seed: The run seed (the LR input's draws).
+        sr: The SR model of ``sr``, ``lr+sr`` and ``lr|sr`` inputs, else None.
     """
 
     model: nn.Module
@@ -68,20 +69,38 @@ class Classifier:
             batch: FloatTensor[B, 1, H, W] from :func:`shards.preprocess.preprocess`.
 
         Returns:
-            FloatTensor[B, 1, H, W] as evaluation fed the network (see the module docstring).
+            FloatTensor[B, C, H, W] as evaluation fed the network (see the module docstring):
+            one channel per image of :func:`trainer.input_kind.input_channels`.
         """
         hr = quantise(batch.float())
-        if self.inputs == "hr":
+        names = input_channels(self.inputs)
+        if names == ("hr",):
             return hr
-        digests = image_digests(hr)
-        if needs_sr(self.inputs):
-            if self.sr is None:
-                raise ValueError(f"inputs={self.inputs} needs the SR model, and none is loaded")
-            return enhance_batch(self.sr, hr.cpu(), digests).to(batch.device)
+        cpu = hr.cpu()
+        digests = image_digests(cpu)  # what seeds every draw, as the loader seeds them
+        parts = [self._channel(name, cpu, digests) for name in names]
+        return torch.cat(parts, dim=1).to(batch.device)
+
+    def _channel(self, name: str, hr: torch.Tensor, digests: list[str]) -> torch.Tensor:
+        """One input channel (``hr``, ``lr`` or ``sr``) of a CPU batch ``[B, 1, H, W]``."""
+        if name == "lr":
+            return self._lr(hr, digests)
+        if name == "sr":
+            return self._sr(hr, digests)
+        return hr
+
+    def _lr(self, hr: torch.Tensor, digests: list[str]) -> torch.Tensor:
+        """The LR images of ``hr`` (CPU), upsampled back as the loader's ``lr`` input is."""
         size = (hr.shape[-2], hr.shape[-1])
-        small = lr_images(hr.cpu(), self.degrade, self.seed, digests)
+        small = lr_images(hr, self.degrade, self.seed, digests)
         mode = "zero_fill" if self.upsample == "zero_fill" else "bicubic"
-        return torch.stack([upsample_to(s, size, mode) for s in small]).to(batch.device)
+        return torch.stack([upsample_to(s, size, mode) for s in small])
+
+    def _sr(self, hr: torch.Tensor, digests: list[str]) -> torch.Tensor:
+        """What the SR shard set holds for ``hr`` (CPU): the bundled SR model's output."""
+        if self.sr is None:
+            raise ValueError(f"inputs={self.inputs} needs the SR model, and none is loaded")
+        return enhance_batch(self.sr, hr, digests)
 
 
 def classifier_from_checkpoint(
@@ -91,7 +110,7 @@ def classifier_from_checkpoint(
 
     Args:
         checkpoint: A checkpoint, a run's ``checkpoints/`` folder or a run directory.
-        sr_checkpoint: For ``sr``/``lr+sr`` models, the SR run to take the SR model from
+        sr_checkpoint: For ``sr``/``lr+sr``/``lr|sr`` models, the SR run to take the SR model from
             (else it is searched for beside the run, see :func:`trainer.sr_bundle.find_sr_model`).
 
     Returns:
@@ -103,7 +122,7 @@ def classifier_from_checkpoint(
         ValueError: If the training set's classes are not the checkpoint's.
     """
     from trainer.checkpoint import resolve_checkpoint
-    from trainer.factories import create_model
+    from trainer.factories import create_classifier
     from trainer.predict import dataset_preprocess
     from trainer.sr_bundle import find_sr_model
     from trainer.weights import checkpoint_config, load_fp32_weights
@@ -114,7 +133,7 @@ def classifier_from_checkpoint(
         raise ValueError(f"{ckpt.path}: a {cfg.task!r} checkpoint, not a classifier")
     pre_cfg = dataset_preprocess(cfg.data.root, ckpt.classes)
     # The weights come from the checkpoint: no pretrained file is read (it may be gone).
-    model = create_model(dataclasses.replace(cfg.model, pretrained_path=None), len(ckpt.classes))
+    model = create_classifier(cfg, len(ckpt.classes), pretrained=False)
     model.load_state_dict(load_fp32_weights(ckpt))
     sr = find_sr_model(cfg, ckpt, sr_checkpoint)[0] if needs_sr(cfg.data.inputs) else None
     return Classifier(
@@ -129,6 +148,25 @@ def classifier_from_checkpoint(
     )
 
 
+def _folder_channels(folder: Path, spec: dict) -> int:
+    """The input channels a model folder records, checked against its input kind.
+
+    Raises:
+        trainer.model_folder.ModelFolderError: If they differ (the model input would not fit).
+    """
+    from trainer.model_folder import ModelFolderError
+
+    # Folders written before two-channel inputs existed record in_chans 1 (or nothing).
+    recorded = int(spec["architecture"].get("in_chans", 1))
+    wanted = len(input_channels(spec["inputs"]))
+    if recorded != wanted:
+        raise ModelFolderError(
+            f"{folder}: model.json records {recorded} input channel(s), but inputs="
+            f"{spec['inputs']} makes {wanted}; not a folder trainer export wrote"
+        )
+    return recorded
+
+
 def classifier_from_folder(folder: str | Path) -> Classifier:
     """The classifier of an exported model folder, on the CPU, after checking every file.
 
@@ -136,11 +174,12 @@ def classifier_from_folder(folder: str | Path) -> Classifier:
         folder: A folder written by ``trainer export``.
 
     Returns:
-        The classifier in eval mode (its SR model too, for ``sr``/``lr+sr``).
+        The classifier in eval mode (its SR model too, for ``sr``/``lr+sr``/``lr|sr``).
 
     Raises:
-        trainer.model_folder.ModelFolderError: If the folder is not a model folder, or a file
-            is missing or differs from its recorded sha256.
+        trainer.model_folder.ModelFolderError: If the folder is not a model folder, a file
+            is missing or differs from its recorded sha256, or its input channels do not fit
+            its input kind.
     """
     from safetensors.torch import load_file
 
@@ -154,7 +193,9 @@ def classifier_from_folder(folder: str | Path) -> Classifier:
     spec = read_model_folder(folder)
     arch = spec["architecture"]
     model = create_model(
-        ModelConfig(name=arch["name"], drop_rate=arch["drop_rate"]), int(arch["num_classes"])
+        ModelConfig(name=arch["name"], drop_rate=arch["drop_rate"]),
+        int(arch["num_classes"]),
+        in_chans=_folder_channels(folder, spec),
     )
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     sr = None

@@ -12,11 +12,19 @@
   while loader step counts stay exact. Evaluation scores the SR image alone: it is the input
   the deployed pipeline classifies, and keeping one image per key keeps "each validation
   sample counted once" literally true.
+* ``lr|sr``: one sample of two channels, ``[2, H, W]``: channel 0 the LR image (drawn as for
+  ``lr``, per epoch in training), channel 1 the key's SR image, in training and evaluation
+  alike; the network is built with two input channels
+  (:func:`trainer.input_kind.input_channels`).
 
 Augmentation (train only) runs after input selection, with its own generator from
-``(seed, epoch, digest + "#augment")`` so it never shares draws with the degradation. Adding an
-input kind means changing this file and :mod:`trainer.input_kind` (which lists the kinds and
-says which read the SR shard set); the loop never sees which one is in use.
+``(seed, epoch, digest + "#augment")`` so it never shares draws with the degradation. The two
+channels of ``lr|sr`` are augmented one at a time, each with a fresh generator of that same
+seed: the augmentation's draws never depend on the pixels, so both get the same flips, the same
+rotation, zoom and shift and the same noise field, and the LR channel gets exactly the
+augmentation the ``lr`` arm's image gets. Adding an input kind means changing this file and
+:mod:`trainer.input_kind` (which lists the kinds, says which read the SR shard set and which
+images are the network's input channels); the loop never sees which one is in use.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ def aligned_roots_for(inputs: InputKind, sr_root: str) -> list[str]:
 
     Args:
         inputs: The input kind.
-        sr_root: The enhanced shard set (used by ``sr`` and ``lr+sr``).
+        sr_root: The enhanced shard set (used by ``sr``, ``lr+sr`` and ``lr|sr``).
 
     Returns:
         ``[sr_root]`` for inputs that need the SR images, else ``[]``.
@@ -53,7 +61,7 @@ class InputTransform:
     """Picklable per-sample transform: select the input image(s), then augment (train only).
 
     Args:
-        inputs: hr, lr, sr or lr+sr.
+        inputs: hr, lr, sr, lr+sr or lr|sr.
         degrade_cfg: The degradation for ``lr``.
         upsample: How the LR image returns to the stored size (bicubic or zero_fill).
         seed: The run seed (degradation and augmentation generators derive from it).
@@ -99,6 +107,16 @@ class InputTransform:
             return image
         return self.augmentation(image, sample_generator(self.seed, epoch, f"{name}#augment{tag}"))
 
+    def _stacked(self, sample: Sample, name: str, epoch: int) -> torch.Tensor:
+        """``lr|sr``: the LR and SR images as channels 0 and 1, augmented alike.
+
+        Each channel is augmented with its own generator from the same seed (the augmentation
+        takes one-channel images), so the draws, and hence the flips, the affine transform and
+        the noise field, are the same for both: a geometric augmentation moves them together.
+        """
+        channels = (self._lr(sample["image"], name, epoch), self._sr(sample))
+        return torch.cat([self._augment(c, name, epoch, "") for c in channels])
+
     def __call__(self, loaded: Sample) -> TaskSample:
         """Replace ``image`` by the selected input (and add ``image2`` for lr+sr in training).
 
@@ -106,12 +124,17 @@ class InputTransform:
             loaded: The loader's sample; it is updated in place.
 
         Returns:
-            The same record as a :class:`trainer.batch.TaskSample`.
+            The same record as a :class:`trainer.batch.TaskSample`; its ``image`` is
+            ``[2, H, W]`` for ``lr|sr``, ``[1, H, W]`` otherwise.
         """
         sample = cast(TaskSample, loaded)
         name = sample["digest"]  # seeds from content, never the key (see shards.Sample)
         epoch = self._epoch(sample)
         hr = sample["image"]
+        if self.inputs == "lr|sr":
+            sample["image"] = self._stacked(sample, name, epoch).contiguous()
+            sample.pop("aligned", None)
+            return sample
         if self.inputs == "hr":
             image = hr
         elif self.inputs == "lr":

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from trainer.checkpoint import CheckpointInfo
+from trainer.input_kind import INPUT_KINDS
 
 __all__ = ["BOOTSTRAP_RESAMPLES", "render_card", "test_results", "wilson_interval"]
 
@@ -144,6 +145,19 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}"
 
 
+def _cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell (the ``lr|sr`` arm's ``|`` splits cells)."""
+    return str(text).replace("|", "\\|")
+
+
+def _channel_words(images: list[str]) -> str:
+    """The input's channels in words: ``one greyscale channel`` or each channel's image."""
+    if len(images) == 1:
+        return "one greyscale channel"
+    named = ", ".join(f"{i}: the {image.upper()} image" for i, image in enumerate(images))
+    return f"{len(images)} greyscale channels ({named})"
+
+
 def _arms_lines(run_dir: Path, ckpt: CheckpointInfo) -> list[str]:
     why, results = _pipeline_results(run_dir, ckpt)
     if results is None:
@@ -155,7 +169,7 @@ def _arms_lines(run_dir: Path, ckpt: CheckpointInfo) -> list[str]:
             f"{_fmt(s.get(m, [None])[0])} ± {_fmt(s.get(m, [0, None])[1])}"
             for m in ("accuracy", "balanced_accuracy", "macro_f1")
         ]
-        lines.append(f"| {arm} | {len(r.get('seeds', []))} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_cell(arm)} | {len(r.get('seeds', []))} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "| comparison | accuracy difference | 95% CI | resampled | Holm p |",
@@ -164,7 +178,7 @@ def _arms_lines(run_dir: Path, ckpt: CheckpointInfo) -> list[str]:
     for c in results.get("comparisons", []):
         holm = ", ".join(f"{p:.3g}" for p in c.get("pvalues_holm", []))
         lines.append(
-            f"| {c['a']} − {c['b']} | {_fmt(c['diff'])} | [{_fmt(c['ci_low'])}, "
+            f"| {_cell(c['a'])} − {_cell(c['b'])} | {_fmt(c['diff'])} | [{_fmt(c['ci_low'])}, "
             f"{_fmt(c['ci_high'])}] | {c.get('resampled', '?')} | {holm} |"
         )
     return lines
@@ -214,14 +228,16 @@ def render_card(spec: dict[str, Any], run_dir: Path, ckpt: CheckpointInfo) -> st
         else "not recorded in the data set's index: treat it as unverified",
     }[synthetic]
     sr = spec.get("sr")
+    chans = int(spec.get("in_chans", 1))
+    images = spec["input"].get("channel_images") or [spec["input"]["kind"]]
     sections = [
         f"# Model card: {spec['model']} brain tumour slice classifier ({spec['inputs']} input)",
         "",
         "## Model",
-        f"- Architecture: timm `{spec['model']}`, 1 input channel, {len(spec['classes'])} "
-        f"outputs: {', '.join(spec['classes'])} (in this order)",
-        f"- Input: {spec['input']['kind']} image, {spec['input']['size']}×{spec['input']['size']}"
-        " px, one greyscale channel in [0, 1], after the training set's preprocessing",
+        f"- Architecture: timm `{spec['model']}`, {chans} input channel{'s' * (chans > 1)}, "
+        f"{len(spec['classes'])} outputs: {', '.join(spec['classes'])} (in this order)",
+        f"- Input: {spec['input']['kind']} input, {spec['input']['size']}×{spec['input']['size']}"
+        f" px, {_channel_words(images)} in [0, 1], after the training set's preprocessing",
         f"- Bundled SR model: {sr['model_id']} (it runs first on the LR input)"
         if sr
         else "- No SR model needed",
@@ -245,8 +261,8 @@ def render_card(spec: dict[str, Any], run_dir: Path, ckpt: CheckpointInfo) -> st
         "",
         "## Intended use",
         "Research on super-resolution and brain tumour classification from MRI: reproducing and "
-        "comparing the input arms (hr, lr, sr, lr+sr) on 2-D axial slices. Not for diagnosis, "
-        "triage or any decision about a patient.",
+        f"comparing the input arms ({', '.join(INPUT_KINDS)}) on 2-D axial slices. Not for "
+        "diagnosis, triage or any decision about a patient.",
         "",
         "## Limits",
         f"- Trained and tested on {'synthetic' if synthetic else 'the data set above'} data; "

@@ -1,10 +1,10 @@
 """The exported model folder: written whole or not at all, read only when every file checks out.
 
 A folder holds ``model.safetensors`` (fp32 weights, always), the other formats asked for
-(``model.onnx``, ``model.torchscript.pt``), ``sr_model.safetensors`` for ``sr``/``lr+sr``
-models, ``model_card.md`` and ``model.json``, which describes the model and lists the sha256 of
-every other file; its own ``self_sha256`` covers the rest of ``model.json``, so an edited class
-list is caught like an edited weights file.
+(``model.onnx``, ``model.torchscript.pt``), ``sr_model.safetensors`` for ``sr``, ``lr+sr`` and
+``lr|sr`` models, ``model_card.md`` and ``model.json``, which describes the model and lists the
+sha256 of every other file; its own ``self_sha256`` covers the rest of ``model.json``, so an
+edited class list is caught like an edited weights file.
 
 Writing: everything goes into a hidden sibling (``.NAME.partial-<pid>``), ``model.json`` last,
 and the sibling is renamed onto ``NAME`` only when complete; a failure removes it. An ``out``

@@ -27,10 +27,10 @@ TOLERANCE = 1e-4
 OPSET = 17
 
 
-def _probes(size: int) -> list[torch.Tensor]:
+def _probes(size: int, in_chans: int) -> list[torch.Tensor]:
     """Fixed inputs of batch 1 and 3 (the second shows the batch axis is really dynamic)."""
     gen = torch.Generator().manual_seed(0)
-    return [torch.rand(n, 1, size, size, generator=gen) for n in (1, 3)]
+    return [torch.rand(n, in_chans, size, size, generator=gen) for n in (1, 3)]
 
 
 def _check(path: Path, got: np.ndarray, want: torch.Tensor) -> None:
@@ -42,13 +42,14 @@ def _check(path: Path, got: np.ndarray, want: torch.Tensor) -> None:
         )
 
 
-def export_onnx(model: nn.Module, path: Path, size: int) -> Path:
+def export_onnx(model: nn.Module, path: Path, size: int, in_chans: int = 1) -> Path:
     """Write ``model`` as ONNX with a dynamic batch axis and check it with onnxruntime.
 
     Args:
         model: The classifier (fp32, CPU); it is put in eval mode.
         path: Output ``.onnx`` file.
         size: Input height and width.
+        in_chans: Input channels (2 for an ``lr|sr`` classifier: LR then SR).
 
     Returns:
         ``path``.
@@ -59,7 +60,7 @@ def export_onnx(model: nn.Module, path: Path, size: int) -> Path:
     import onnxruntime as ort
 
     model.eval()
-    example = torch.zeros(1, 1, size, size)
+    example = torch.zeros(1, in_chans, size, size)
     with warnings.catch_warnings():
         # The legacy exporter warns that it is not the default; it is chosen (see above).
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -75,19 +76,20 @@ def export_onnx(model: nn.Module, path: Path, size: int) -> Path:
         )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        for probe in _probes(size):
+        for probe in _probes(size, in_chans):
             (got,) = session.run(["logits"], {"image": probe.numpy()})
             _check(path, got, model(probe))
     return path
 
 
-def export_torchscript(model: nn.Module, path: Path, size: int) -> Path:
+def export_torchscript(model: nn.Module, path: Path, size: int, in_chans: int = 1) -> Path:
     """Write ``model`` traced as TorchScript and check the reloaded module.
 
     Args:
         model: The classifier (fp32, CPU); it is put in eval mode.
         path: Output file.
         size: Input height and width.
+        in_chans: Input channels (2 for an ``lr|sr`` classifier: LR then SR).
 
     Returns:
         ``path``.
@@ -97,10 +99,10 @@ def export_torchscript(model: nn.Module, path: Path, size: int) -> Path:
     """
     model.eval()
     with torch.no_grad():
-        traced = torch.jit.trace(model, torch.zeros(1, 1, size, size))
+        traced = torch.jit.trace(model, torch.zeros(1, in_chans, size, size))
     traced.save(str(path))
     loaded = torch.jit.load(str(path), map_location="cpu")
     with torch.no_grad():
-        for probe in _probes(size):
+        for probe in _probes(size, in_chans):
             _check(path, loaded(probe).numpy(), model(probe))
     return path

@@ -2,11 +2,11 @@
 
 A checkpoint records what made it (:class:`RunIdentity`, in ``complete.json``): the config's
 fingerprint without :data:`trainer.config.RESULT_NEUTRAL_KEYS`, the shard set's id and class
-order, and for ``sr``/``lr+sr`` inputs the SR shard set's id and the model that made it. A run
-resumes from a checkpoint only when its config differs from the checkpoint's in nothing but
-:data:`trainer.config.RESUME_MAY_CHANGE` (``optim.lr`` / ``optim.weight_decay`` while the run is
-unfinished, a longer ``train.epochs``) and its data are the same; anything else is refused
-before the run writes a file, naming each differing key (:class:`ResumeRefused`).
+order, and for SR inputs (``sr``, ``lr+sr``, ``lr|sr``) the SR shard set's id and the model that
+made it. A run resumes from a checkpoint only when its config differs from the checkpoint's in
+nothing but :data:`trainer.config.RESUME_MAY_CHANGE` (``optim.lr`` / ``optim.weight_decay``
+while the run is unfinished, a longer ``train.epochs``) and its data are the same; anything else
+is refused before the run writes a file, naming each differing key (:class:`ResumeRefused`).
 
 The same command gives the same numbers: torch's CPU thread count, which changes how reductions
 are split, comes from ``train.threads`` (:func:`apply_threads`), not from ``OMP_NUM_THREADS``.
@@ -62,8 +62,8 @@ class RunIdentity:
         config_fingerprint: The config's fingerprint without the result-neutral keys.
         dataset_id: ``dataset_id`` of ``data.root``.
         classes: Its class names, in order.
-        sr_dataset: For ``sr``/``lr+sr`` inputs, the SR set's id, the model that made it and a
-            fingerprint of its settings; "" otherwise.
+        sr_dataset: For SR inputs (``sr``, ``lr+sr``, ``lr|sr``), the SR set's id, the model
+            that made it and a fingerprint of its settings; "" otherwise.
     """
 
     config_fingerprint: str
@@ -76,7 +76,7 @@ def run_identity(cfg: TrainConfig, index: DatasetIndex) -> RunIdentity:
     """The identity of a run of ``cfg`` on the shard set whose index is ``index``.
 
     Raises:
-        FileNotFoundError: If an ``sr``/``lr+sr`` run's ``data.sr_root`` has no index.
+        FileNotFoundError: If an SR input run's ``data.sr_root`` has no index.
     """
     sr = ""
     if needs_sr(cfg.data.inputs):

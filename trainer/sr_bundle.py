@@ -1,4 +1,4 @@
-"""The SR model an ``sr`` or ``lr+sr`` classifier needs, found, named and run as enhance ran it.
+"""The SR model an ``sr``, ``lr+sr`` or ``lr|sr`` classifier needs, found and run as enhance did.
 
 A classifier trained on an enhanced shard set saw images that an SR checkpoint made. That set's
 ``index.json`` names the model by what it computes (:func:`weights_id`: a hash of its fp32
@@ -115,7 +115,7 @@ def _candidates(run_dir: Path, given: Path | None) -> list[CheckpointInfo]:
 def find_sr_model(
     cfg: TrainConfig, ckpt: CheckpointInfo, given: str | Path | None = None
 ) -> tuple[SRModel, CheckpointInfo]:
-    """The SR model that made the inputs of an ``sr``/``lr+sr`` classifier checkpoint.
+    """The SR model that made the inputs of an ``sr``/``lr+sr``/``lr|sr`` classifier checkpoint.
 
     Args:
         cfg: The classifier's config (its ``data.sr_root`` is read).

@@ -34,7 +34,7 @@ from trainer.backend import Backend
 from trainer.batch import Prepare, TaskBatch, Transform
 from trainer.config import TrainConfig
 from trainer.criterion import TrainLoss
-from trainer.factories import create_model
+from trainer.factories import create_classifier
 from trainer.inputs import InputTransform, aligned_roots_for
 from trainer.metrics import ClassificationMetrics
 from trainer.sr_task import SRTask
@@ -66,7 +66,10 @@ class Task(Protocol):
 
 
 class ClassificationTask:
-    """Cross-entropy classification of one-channel slices with a timm model.
+    """Cross-entropy classification of slices with a timm model.
+
+    The network has one input channel per image of ``data.inputs`` (two for ``lr|sr``: LR and
+    SR stacked, see :mod:`trainer.inputs`), taken from the config so evaluation rebuilds it.
 
     Args:
         cfg: The run config.
@@ -100,7 +103,7 @@ class ClassificationTask:
         self.predictions: list[tuple[str, int, list[float]]] = []
 
     def build_model(self) -> nn.Module:
-        return create_model(self.cfg.model, len(self.classes))
+        return create_classifier(self.cfg, len(self.classes))
 
     def transform(self, train: bool) -> Transform | None:
         d = self.cfg.data

@@ -182,9 +182,16 @@ def write_html(path: Path, res: Results, figs: dict[str, Path]) -> None:
     write_text(path, "\n".join(parts))
 
 
+def _md_cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell: the ``lr|sr`` arm's ``|`` would split it."""
+    return text.replace("|", "\\|")
+
+
 def _md_table(rows: Table) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(_md_cell(c) for c in cells) + " |"
+
+    return "\n".join([line(rows[0]), "|" + "---|" * len(rows[0]), *map(line, rows[1:])])
 
 
 def write_md(path: Path, res: Results, figs: dict[str, Path], out: Path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +57,38 @@ __all__ = [
     "SRSummary",
     "build_report",
     "collect",
+    "report_pairs",
     "weights_sha256",
 ]
+
+# The arm every default comparison is made against: the low-resolution input without help.
+BASELINE_ARM = "lr"
 
 
 class ReportError(RuntimeError):
     """The runs cannot be reported honestly (e.g. the test split moved)."""
+
+
+def report_pairs(arms: Sequence[str], pairs: Sequence[Sequence[str]]) -> list[tuple[str, str]]:
+    """The paired comparisons the report makes: ``report.pairs``, then unpaired arms minus lr.
+
+    An arm that no pair names (``lr|sr`` under pairs written before it existed) would get its
+    row in the arms table and no comparison at all: it is compared with the ``lr`` baseline,
+    the comparison every default pair makes. Arms a pair names are left as configured.
+
+    Args:
+        arms: The pipeline's arms, in order.
+        pairs: The configured ``(a, b)`` pairs (reported as ``a - b``).
+
+    Returns:
+        The configured pairs, then ``(arm, "lr")`` for each other arm no pair names (none
+        when the ``lr`` arm did not run).
+    """
+    out = [(str(a), str(b)) for a, b in pairs]
+    named = {arm for pair in out for arm in pair}
+    if BASELINE_ARM not in arms:
+        return out
+    return out + [(a, BASELINE_ARM) for a in arms if a != BASELINE_ARM and a not in named]
 
 
 def _arm_runs(cfg: PipelineConfig, out: Path) -> dict[str, list[Path]]:
@@ -172,7 +198,8 @@ def collect(cfg: PipelineConfig, out: Path, index: DatasetIndex) -> Results:
         arms[arm] = _arm_results(cfg, classes, metrics)
     order, groups = _content_order(data_dir(out), keys_ref or [])
     correct = {arm: c[:, order] for arm, c in correct.items()}
-    comparisons = compare_arms(correct, cfg.report.pairs, groups, n_boot=cfg.report.bootstrap)
+    pairs = report_pairs(cfg.arms, cfg.report.pairs)
+    comparisons = compare_arms(correct, pairs, groups, n_boot=cfg.report.bootstrap)
     resampled = "patients" if groups is not None else "samples"
     protocol = ReportProtocol(
         seeds=cfg.seeds,

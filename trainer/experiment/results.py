@@ -108,7 +108,8 @@ class Results:
         test_keys_sha256: Hash of the test keys (equal to the one recorded at ingest).
         dataset_id: Id of the shard set.
         arms: Arm -> its results, in the config's arm order.
-        comparisons: The paired comparisons of ``report.pairs`` that could be made.
+        comparisons: The paired comparisons of ``report.pairs`` (plus each arm no pair names
+            minus lr: :func:`trainer.experiment.report.report_pairs`) that could be made.
         protocol: How the numbers were obtained.
         sr: The SR stage, or None when no SR arm ran.
         data_fingerprint: The data stage's fingerprint ("" until :func:`build_report` sets it).

@@ -19,6 +19,7 @@ _ARM_WORDS = {
     "lr": "low-resolution copies{scale}",
     "sr": "the low-resolution copies enhanced by the SR model",
     "lr+sr": "low-resolution and enhanced copies together",
+    "lr|sr": "each low-resolution copy and its enhanced copy as the two channels of one input",
 }
 
 
