@@ -1,27 +1,30 @@
-"""``python -m trainer.experiment {pipeline,enhance} ...``: the experiment layer's commands."""
+"""``python -m trainer.experiment {pipeline,enhance,study} ...``: the experiment commands."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-USAGE = """usage: python -m trainer.experiment {pipeline,enhance} ...
+USAGE = """usage: python -m trainer.experiment {pipeline,enhance,study} ...
 
   pipeline  the paper's experiment end to end (same as `srmri pipeline`)
   enhance   super-resolve a shard set with a trained SR checkpoint
+  study     the pre-registered analysis of several pipeline folders (one per split)
 """
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch to the command's own ``main``; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] not in ("pipeline", "enhance"):
+    if not args or args[0] not in ("pipeline", "enhance", "study"):
         print(USAGE, file=sys.stderr if args else sys.stdout)
         return 2
     if args[0] == "pipeline":
         from trainer.experiment.pipeline import main as command
-    else:
+    elif args[0] == "enhance":
         from trainer.experiment.enhance import main as command
+    else:
+        from trainer.experiment.study import main as command
     return command(args[1:])
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "Results",
     "RunProvenance",
     "SRSummary",
+    "arm_correctness",
     "build_report",
     "collect",
     "report_pairs",
@@ -169,6 +170,35 @@ def _correctness(dirs: list[Path], index: DatasetIndex) -> tuple[list[str], np.n
     return keys, np.stack(rows)
 
 
+def arm_correctness(
+    runs: Mapping[str, Sequence[Path]], out: Path, index: DatasetIndex
+) -> tuple[dict[str, np.ndarray], list[str] | None]:
+    """Every arm's per-seed test correctness in content order, and the sample groups.
+
+    What the report's paired statistics resample (and ``trainer.experiment.study`` too).
+
+    Args:
+        runs: Arm -> its run directories, one per seed.
+        out: The pipeline's output folder (its shard set names the groups).
+        index: The index of that shard set.
+
+    Returns:
+        ``(correct, groups)``: arm -> bool ``[n_seeds, n_test]`` over the test samples in
+        content order (:func:`_content_order`), and the patient group of each of them (None
+        when no patient id exists).
+
+    Raises:
+        ReportError: If a run's test keys do not hash to the value recorded at ingest.
+    """
+    correct: dict[str, np.ndarray] = {}
+    keys_ref: list[str] | None = None
+    for arm, dirs in runs.items():
+        keys, correct[arm] = _correctness(list(dirs), index)
+        keys_ref = keys_ref or keys
+    order, groups = _content_order(data_dir(out), keys_ref or [])
+    return {arm: c[:, order] for arm, c in correct.items()}, groups
+
+
 def collect(cfg: PipelineConfig, out: Path, index: DatasetIndex) -> Results:
     """Read every arm's test results and compute the statistics of the report.
 
@@ -186,18 +216,13 @@ def collect(cfg: PipelineConfig, out: Path, index: DatasetIndex) -> Results:
     runs = _arm_runs(cfg, out)
     classes = list(index.classes)
     arms: dict[str, ArmResults] = {}
-    correct: dict[str, np.ndarray] = {}
     conf: dict[str, np.ndarray] = {}
-    keys_ref: list[str] | None = None
     for arm, dirs in runs.items():
         files = [eval_metrics_path(eval_dir_of(d, "test"), "test") for d in dirs]
         metrics = [json.loads(f.read_text()) for f in files]
-        keys, correct[arm] = _correctness(dirs, index)
-        keys_ref = keys_ref or keys
         conf[arm] = np.sum([np.asarray(m["confusion_matrix"]) for m in metrics], axis=0)
         arms[arm] = _arm_results(cfg, classes, metrics)
-    order, groups = _content_order(data_dir(out), keys_ref or [])
-    correct = {arm: c[:, order] for arm, c in correct.items()}
+    correct, groups = arm_correctness(runs, out, index)
     pairs = report_pairs(cfg.arms, cfg.report.pairs)
     comparisons = compare_arms(correct, pairs, groups, n_boot=cfg.report.bootstrap)
     resampled = "patients" if groups is not None else "samples"
@@ -211,7 +236,7 @@ def collect(cfg: PipelineConfig, out: Path, index: DatasetIndex) -> Results:
         classes=classes,
         source=cfg.data.source,
         train_samples=index.num_samples("train"),
-        test_samples=len(keys_ref or []),
+        test_samples=next(iter(correct.values())).shape[1] if correct else 0,
         test_keys_sha256=index.test_keys_sha256,
         dataset_id=index.dataset_id,
         arms=arms,
