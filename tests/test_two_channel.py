@@ -42,6 +42,7 @@ def test_the_kind_is_listed_with_two_channels_and_its_own_path_name() -> None:
         "lr": 1,
         "sr": 1,
         "lr+sr": 1,
+        "tsr": 1,  # the LR image; the model's own SR network upsamples it (test_tsr.py)
     }
     assert path_safe("lr|sr") == "lr-sr-2ch" and path_safe("lr+sr") == "lr-sr"
     assert len({path_safe(k) for k in INPUT_KINDS}) == len(INPUT_KINDS)  # no two runs collide

@@ -16,7 +16,7 @@ from typing import Literal
 from shards.degrade import DegradeConfig
 from srmri.config import config_hash, load_config, require
 from trainer.augment import AugmentConfig
-from trainer.input_kind import InputKind, needs_sr
+from trainer.input_kind import InputKind, needs_sr, trains_sr
 from trainer.precision import Precision
 from trainer.srnet import SRConfig
 
@@ -73,7 +73,9 @@ class DataConfig:
         root: Shard set (local folder or http(s) URL) with ``index.json``.
         inputs: ``hr`` stored image; ``lr`` degraded then upsampled back; ``sr`` the aligned
             image of ``sr_root``; ``lr+sr`` both, as separate training samples (SR at eval);
-            ``lr|sr`` both, as the two channels of one sample (a two-channel network).
+            ``lr|sr`` both, as the two channels of one sample (a two-channel network);
+            ``tsr`` the LR image at its small size, through an SR network trained with the
+            classifier (``model.sr_init``, ``train.recon_weight``).
         sr_root: Shard set written by ``shards enhance``, aligned by key (``sr``, ``lr+sr``,
             ``lr|sr``).
         degrade: The degradation making the ``lr`` input (and the SR task's LR input).
@@ -144,6 +146,9 @@ class ModelConfig:
         drop_rate: Dropout before the classifier.
         channels_last: Use the channels-last memory format (faster convolutions on GPU).
         compile: Wrap the model in ``torch.compile``.
+        sr_init: ``data.inputs=tsr`` only: the SR run directory (``task: sr``) whose trained
+            network starts the model's SR part; its saved ``sr`` section and degradation must
+            be this run's (the saved config alone then rebuilds the network for evaluation).
     """
 
     name: str = "resnet50"
@@ -151,6 +156,7 @@ class ModelConfig:
     drop_rate: float = 0.0
     channels_last: bool = False
     compile: bool = False
+    sr_init: str = ""
 
     def check(self) -> None:
         require(bool(self.name), "model.name", "must name a model, e.g. resnet50")
@@ -264,6 +270,8 @@ class TrainSection:
         nonfinite_loss: What a nan or infinite training loss (on any rank) does: ``stop`` the
             run with an error, or ``skip`` that optimizer step (its gradients are dropped on
             every rank; BatchNorm statistics of its forward stay; ddp backend only).
+        recon_weight: ``data.inputs=tsr`` only: weight of the L1 reconstruction term
+            ``L1(SR(lr), hr)`` added to the cross-entropy (0.1, fixed by the pre-registration).
     """
 
     epochs: int = 30
@@ -282,6 +290,7 @@ class TrainSection:
     nonfinite_loss: Literal["stop", "skip"] = "stop"
     class_weights: Literal["none", "auto"] | list[float] = "none"
     label_smoothing: float = 0.0
+    recon_weight: float = 0.1
 
     def check(self) -> None:
         require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -301,6 +310,12 @@ class TrainSection:
         require(bool(self.resume), "train.resume", "auto, never or a checkpoint path")
         require(self.threads >= 0, "train.threads", "must be >= 0 (0: the machine's cores)")
         require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
+        # "not < 0" would let nan through; a nan weight would make every loss nan.
+        require(
+            0.0 <= self.recon_weight < float("inf"),
+            "train.recon_weight",
+            f"must be a finite weight >= 0, got {self.recon_weight}",
+        )
         require(
             not isinstance(self.class_weights, list)
             or (bool(self.class_weights) and all(w > 0 for w in self.class_weights)),
@@ -432,6 +447,22 @@ class TrainConfig:
             self.backend.name == "deepspeed" or self.backend.zero_stage == 0,
             "backend.zero_stage",
             "ZeRO stages need backend.name=deepspeed",
+        )
+        tsr = trains_sr(self.data.inputs)
+        require(
+            not tsr or self.task == "classify",
+            "data.inputs",
+            f"inputs={self.data.inputs} trains a classifier (task: classify), got task={self.task}",
+        )
+        require(
+            not tsr or bool(self.model.sr_init),
+            "model.sr_init",
+            f"inputs={self.data.inputs} starts from a trained SR run: set model.sr_init=RUN_DIR",
+        )
+        require(
+            tsr or not self.model.sr_init,
+            "model.sr_init",
+            f"only data.inputs=tsr starts from an SR run, inputs is {self.data.inputs}",
         )
 
 

@@ -30,7 +30,7 @@ from srmri.fingerprint import config_fingerprint
 from trainer.checkpoint import CheckpointInfo, resolve_checkpoint
 from trainer.config import RESULT_NEUTRAL_KEYS, TrainConfig
 from trainer.factories import create_classifier
-from trainer.input_kind import input_channels, needs_sr
+from trainer.input_kind import input_channels, needs_sr, refuse_trained_sr
 from trainer.model_card import render_card, test_results
 from trainer.model_folder import (
     CARD_FILE,
@@ -191,6 +191,7 @@ def export_checkpoint(
     cfg = checkpoint_config(ckpt)
     if cfg.task != "classify":
         raise ValueError(f"{ckpt.path}: a {cfg.task!r} checkpoint; export takes a classifier")
+    refuse_trained_sr(cfg.data.inputs, ckpt.path, "trainer export")
     index = _training_index(cfg, ckpt)
     state = load_fp32_weights(ckpt, use_ema)
     model = create_classifier(cfg, len(ckpt.classes), pretrained=False)

@@ -24,7 +24,13 @@ from torch import nn
 
 from shards.degrade import DegradeConfig, upsample_to
 from shards.preprocess import PreprocessConfig
-from trainer.input_kind import InputKind, check_input_kind, input_channels, needs_sr
+from trainer.input_kind import (
+    InputKind,
+    check_input_kind,
+    input_channels,
+    needs_sr,
+    refuse_trained_sr,
+)
 from trainer.sr_bundle import SRModel, enhance_batch, image_digests, lr_images, quantise
 
 __all__ = ["Classifier", "classifier_from_checkpoint", "classifier_from_folder"]
@@ -131,6 +137,7 @@ def classifier_from_checkpoint(
     cfg = checkpoint_config(ckpt)
     if cfg.task != "classify":
         raise ValueError(f"{ckpt.path}: a {cfg.task!r} checkpoint, not a classifier")
+    refuse_trained_sr(cfg.data.inputs, ckpt.path, "trainer predict")
     pre_cfg = dataset_preprocess(cfg.data.root, ckpt.classes)
     # The weights come from the checkpoint: no pretrained file is read (it may be gone).
     model = create_classifier(cfg, len(ckpt.classes), pretrained=False)

@@ -37,7 +37,7 @@ import torch
 from shards.degrade import EVAL_EPOCH, DegradeConfig, degrade, sample_generator, upsample_to
 from shards.sample import Sample
 from trainer.batch import TaskSample
-from trainer.input_kind import InputKind, check_input_kind, needs_sr
+from trainer.input_kind import InputKind, check_input_kind, needs_sr, trains_sr
 
 __all__ = ["InputKind", "InputTransform", "aligned_roots_for"]
 
@@ -79,6 +79,8 @@ class InputTransform:
         augmentation: Augmentation | None = None,
     ) -> None:
         self.inputs = check_input_kind(inputs)
+        if trains_sr(inputs):  # its model takes the LR image at its small size, with its target
+            raise ValueError(f"inputs={inputs}: its transform is trainer.tsr_task.TSRTransform")
         self.degrade_cfg = degrade_cfg
         self.upsample = upsample
         self.seed = seed

@@ -726,7 +726,9 @@ def evaluate(
     info = init_distributed(cfg.train.device)
     cfg = apply_threads(cfg)
     task = create_task(cfg, ckpt.classes)
-    model = task.build_model()
+    # The weights come from the checkpoint: no initialisation file (a pretrained_path, a tsr
+    # run's model.sr_init) is read, it may be gone by now.
+    model = task.build_model(pretrained=False)
     model.load_state_dict(load_fp32_weights(ckpt))
     fmt = torch.channels_last if cfg.model.channels_last else torch.preserve_format
     model = model.to(info.device, memory_format=fmt)

@@ -134,8 +134,8 @@ class SRTask:
         self.examples: list[dict[str, np.ndarray]] = []
         self._loss = torch.zeros(2, dtype=torch.float64)
 
-    def build_model(self) -> nn.Module:
-        return create_sr_model(self.cfg.sr)
+    def build_model(self, pretrained: bool = True) -> nn.Module:
+        return create_sr_model(self.cfg.sr)  # always random: SR training starts from scratch
 
     def transform(self, train: bool) -> SRPairTransform:
         s = self.cfg.sr

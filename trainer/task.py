@@ -3,7 +3,8 @@
 The loop (``trainer.loop``) knows nothing about classes, logits or images; it asks the task. A
 task is built from the run config and the training split's class names and provides:
 
-* ``build_model()``: the unwrapped network;
+* ``build_model(pretrained)``: the unwrapped network (``pretrained=False`` where trained
+  weights are loaded next, so no initialisation file is read);
 * ``transform(train)`` and ``aligned_roots()``: the per-sample loader transform and any
   key-aligned shard sets it reads;
 * ``train_loss(backend, batch)``: the loss of one micro-batch (called inside the backend's
@@ -15,7 +16,8 @@ task is built from the run config and the training split's class names and provi
 
 :class:`ClassificationTask` is the classifier; its training loss honours ``train.class_weights``
 and ``train.label_smoothing`` (:mod:`trainer.criterion`), its validation loss is the plain
-cross-entropy. The SR task implements the same protocol and is picked by :func:`create_task`.
+cross-entropy. The SR task (:mod:`trainer.sr_task`) and the task-driven SR classifier of input
+kind ``tsr`` (:mod:`trainer.tsr_task`) implement the same protocol; :func:`create_task` picks.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from trainer.batch import Prepare, TaskBatch, Transform
 from trainer.config import TrainConfig
 from trainer.criterion import TrainLoss
 from trainer.factories import create_classifier
+from trainer.input_kind import trains_sr
 from trainer.inputs import InputTransform, aligned_roots_for
 from trainer.metrics import ClassificationMetrics
 from trainer.sr_task import SRTask
@@ -48,7 +51,7 @@ class Task(Protocol):
     best_metric: str
     best_mode: Literal["max", "min"]
 
-    def build_model(self) -> nn.Module: ...
+    def build_model(self, pretrained: bool = True) -> nn.Module: ...
 
     def transform(self, train: bool) -> Transform | None: ...
 
@@ -102,8 +105,8 @@ class ClassificationTask:
         self._loss = torch.zeros(2, dtype=torch.float64)
         self.predictions: list[tuple[str, int, list[float]]] = []
 
-    def build_model(self) -> nn.Module:
-        return create_classifier(self.cfg, len(self.classes))
+    def build_model(self, pretrained: bool = True) -> nn.Module:
+        return create_classifier(self.cfg, len(self.classes), pretrained)
 
     def transform(self, train: bool) -> Transform | None:
         d = self.cfg.data
@@ -132,7 +135,15 @@ class ClassificationTask:
         self._loss = torch.zeros(2, dtype=torch.float64, device=device)
 
     def eval_update(self, model: nn.Module, batch: TaskBatch, prepare: Prepare) -> None:
-        logits = model(prepare(batch["image"])).float()
+        self.score(model(prepare(batch["image"])).float(), batch)
+
+    def score(self, logits: torch.Tensor, batch: TaskBatch) -> None:
+        """Add one batch's logits to the validation metrics, loss and prediction rows.
+
+        Args:
+            logits: FloatTensor[B, classes] of the batch's images.
+            batch: The batch (its ``label``, ``valid`` and ``key`` are read).
+        """
         target = batch["label"].to(logits.device)
         valid = batch["valid"].to(logits.device).bool()
         self.metrics.update(logits, target, valid)
@@ -183,6 +194,11 @@ def create_task(
     Raises:
         ValueError: If the task is not available.
     """
+    if cfg.task == "classify" and trains_sr(cfg.data.inputs):
+        # Imported here: trainer.tsr_task builds on ClassificationTask, defined in this module.
+        from trainer.tsr_task import TSRTask
+
+        return TSRTask(cfg, classes, train_counts)
     if cfg.task == "classify":
         return ClassificationTask(cfg, classes, train_counts)
     if cfg.task == "sr":

@@ -19,7 +19,7 @@ from shards.loader import create_loader
 from trainer.checkpoint import resolve_checkpoint
 from trainer.gradcam_overlay import TARGET_LAYER
 from trainer.rundir import eval_dir_of, predictions_path
-from trainer.task import ClassificationTask
+from trainer.task import create_task
 from trainer.weights import checkpoint_config, load_fp32_weights
 
 __all__ = ["gradcam_png", "pick_examples"]
@@ -54,8 +54,10 @@ def gradcam_png(run_dir: Path, data_root: Path, path: Path, per_class: int = 2) 
 
     ckpt = resolve_checkpoint(run_dir)
     cfg = checkpoint_config(ckpt)
-    task = ClassificationTask(cfg, ckpt.classes)
-    model = task.build_model()
+    # create_task, not ClassificationTask: a tsr run's model is its SR network plus the
+    # classifier (it has no layer4 at the top and gets no figure).
+    task = create_task(cfg, ckpt.classes)
+    model = task.build_model(pretrained=False)
     model.load_state_dict(load_fp32_weights(ckpt))
     model.eval()
     if not hasattr(model, "layer4"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 from shards.degrade import SAMPLE_DRAWS
 from shards.format import read_index
@@ -33,7 +34,7 @@ from trainer.experiment.enhance import enhance_with_checkpoint
 from trainer.experiment.parent_run import log_report, tracked_stage
 from trainer.experiment.report import build_report
 from trainer.experiment.stage import Stage, Stages
-from trainer.input_kind import needs_sr
+from trainer.input_kind import needs_sr, needs_sr_stage, trains_sr
 from trainer.rundir import eval_dir_of
 from trainer.tracking import Tracker
 
@@ -109,19 +110,27 @@ def plan_pipeline(
     upstream = {"data": fingerprint({"config": data.fingerprint, "dataset_id": dataset_id})}
     sr_upstream = dict(upstream)
     sr_cfg = _sr_config(cfg, out, logging)
-    sr_used = sr_cfg if sr_cfg is not None and cfg.sr_arms() else None
+    tsr_arms = [a for a in cfg.arms if trains_sr(a)]
+    if tsr_arms and sr_cfg is None:
+        raise ConfigError(f"sr.config: the {tsr_arms[0]} arm fine-tunes the SR stage's network")
+    sr_used = sr_cfg if sr_cfg is not None and any(map(needs_sr_stage, cfg.arms)) else None
+    # A tsr arm reads the SR run, not the enhanced set: its upstream is the SR stage alone.
+    tsr_upstream = dict(upstream)
     if sr_used is not None:
         sr_stages = _sr_stages(cfg, sr_used, out, upstream)
         stages += sr_stages
         sr_upstream.update({s.name: s.fingerprint for s in sr_stages})
+        tsr_upstream["sr"] = sr_stages[0].fingerprint
     # The lr arm always sees the SR stage's degradation, whether or not the SR arms run: an
     # hr/lr-only run (calibrating a benchmark) trains exactly the classifiers that the full
     # run trains, under the same fingerprints.
     degrade = [] if sr_cfg is None else _degrade_overrides(sr_cfg)
     for arm in cfg.arms:
         for seed in cfg.seeds:
-            run_cfg = _arm_config(cfg, out, arm, seed, degrade, logging)
-            stages += _classifier_stages(run_cfg, sr_upstream if needs_sr(arm) else upstream)
+            extra = _tsr_overrides(sr_used) if sr_used is not None and trains_sr(arm) else []
+            run_cfg = _arm_config(cfg, out, arm, seed, [*degrade, *extra], logging)
+            up = tsr_upstream if trains_sr(arm) else sr_upstream if needs_sr(arm) else upstream
+            stages += _classifier_stages(run_cfg, up)
     stages.append(_report_stage(cfg, stages, upstream, sr_used, parent))
     return Plan(stages, sr_used)
 
@@ -235,7 +244,7 @@ def _sr_config(cfg: PipelineConfig, out: Path, logging: LoggingConfig | None) ->
 def _sr_stages(
     cfg: PipelineConfig, sr_cfg: TrainConfig, out: Path, upstream: dict[str, str]
 ) -> list[Stage]:
-    """Train the SR network, then enhance the data set with it."""
+    """Train the SR network, then enhance the data set with it (when an arm reads that set)."""
     from trainer.loop import fit  # the loop pulls in every backend: import it when one trains
 
     sr_run = run_dir_of(sr_cfg)
@@ -253,7 +262,7 @@ def _sr_stages(
         lambda: enhance_with_checkpoint(sr_run, data_dir(out), sr_data_dir(out), cfg.enhance_batch),
         enhance_up,
     )
-    return [sr, enhance]
+    return [sr, enhance] if cfg.sr_arms() else [sr]
 
 
 def _arm_config(
@@ -261,12 +270,16 @@ def _arm_config(
     out: Path,
     arm: str,
     seed: int,
-    degrade: list[str],
+    extra: list[str],
     logging: LoggingConfig | None,
 ) -> TrainConfig:
-    """The trainer config of one classifier: the classify stage plus the pipeline's settings."""
+    """The trainer config of one classifier: the classify stage plus the pipeline's settings.
+
+    ``extra`` holds the overrides derived from the SR stage (its degradation, and for a tsr
+    arm its run directory and network), applied before the pipeline's own.
+    """
     overrides = [
-        *degrade,
+        *extra,
         f"data.root={data_dir(out)}",
         f"data.sr_root={sr_data_dir(out)}",
         f"data.inputs={arm}",
@@ -304,11 +317,24 @@ def _classifier_stages(run_cfg: TrainConfig, upstream: dict[str, str]) -> list[S
     return [classify, evaluation]
 
 
+def _section_overrides(prefix: str, section: Any) -> list[str]:
+    """``prefix.field=value`` overrides setting every field of a config dataclass."""
+    overrides = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        overrides.append(f"{prefix}.{f.name}={'null' if value is None else json.dumps(value)}")
+    return overrides
+
+
 def _degrade_overrides(sr_cfg: TrainConfig) -> list[str]:
     """``data.degrade.*`` overrides giving the lr arm the SR stage's degradation (its LR images)."""
-    d = sr_cfg.sr_degradation()
-    overrides = []
-    for f in dataclasses.fields(d):
-        value = getattr(d, f.name)
-        overrides.append(f"data.degrade.{f.name}={'null' if value is None else json.dumps(value)}")
-    return overrides
+    return _section_overrides("data.degrade", sr_cfg.sr_degradation())
+
+
+def _tsr_overrides(sr_cfg: TrainConfig) -> list[str]:
+    """A tsr arm's start: the SR stage's run directory and its ``sr`` section (the network).
+
+    The degradation comes with every arm's :func:`_degrade_overrides`; the whole ``sr`` section
+    is copied so that the tsr run's saved config rebuilds the SR part (:mod:`trainer.tsr_task`).
+    """
+    return [f"model.sr_init={run_dir_of(sr_cfg)}", *_section_overrides("sr", sr_cfg.sr)]

@@ -20,6 +20,7 @@ _ARM_WORDS = {
     "sr": "the low-resolution copies enhanced by the SR model",
     "lr+sr": "low-resolution and enhanced copies together",
     "lr|sr": "each low-resolution copy and its enhanced copy as the two channels of one input",
+    "tsr": "low-resolution copies through the SR model fine-tuned jointly with the classifier",
 }
 
 
