@@ -11,6 +11,7 @@ switch the engine ignored would fail its test:
   bf16 run;
 * a ResNet50 initialised from a local 3-channel weights file;
 * ``data.inputs=lr|sr`` (LR and SR stacked as two channels) against ``lr`` and ``sr``;
+* ``sr.arch=rcan`` (spandrel's RCAN) against the default EDSR of an SR run;
 * DDP with bf16 autocast on 2 gloo processes, fp16 with a grad scaler, channels-last and
   ``torch.compile``.
 
@@ -530,6 +531,48 @@ def test_inputs_lr_sr_feeds_lr_and_sr_as_two_channels(shards: Path, tmp_path: Pa
     stems = {k: load_fp32_weights(resolve_checkpoint(r))["conv1.0.weight"] for k, r in runs.items()}
     assert stems["lr"].shape[1] == stems["sr"].shape[1] == 1 and stems["lr|sr"].shape[1] == 2
     assert stems["lr|sr"].shape[0] == stems["lr"].shape[0]
+
+
+# ----------------------------------------------------------------------------- SR architecture
+
+
+def test_sr_arch_rcan_trains_spandrels_rcan_not_edsr(shards: Path, tmp_path: Path) -> None:
+    """Two SR runs differing only in ``sr.arch``: the rcan run's checkpoint holds other
+    parameters (channel attention, residual groups) than the edsr run's, and spandrel's own
+    loader recognises them as its RCAN at the run's scale with one channel."""
+    from spandrel import ModelLoader
+
+    from trainer.checkpoint import resolve_checkpoint
+    from trainer.srnet import SRConfig, count_parameters, create_sr_model
+    from trainer.weights import load_fp32_weights
+
+    states = {}
+    for arch in ("edsr", "rcan"):
+        cfg = load_train_config(
+            ROOT / "configs" / "sr-debug.yaml",
+            [
+                f"data.root={shards}",
+                f"out_dir={tmp_path}",
+                f"name={arch}",
+                "train.epochs=1",
+                "train.max_steps_per_epoch=2",
+                "sr.examples=0",
+                "sr.preset=tiny",
+                f"sr.arch={arch}",
+            ],
+        )
+        summary = fit(cfg)
+        assert summary["final"]["sr_n"] > 0
+        states[arch] = load_fp32_weights(resolve_checkpoint(tmp_path / arch))
+    edsr, rcan = states["edsr"], states["rcan"]
+    assert not edsr.keys() & rcan.keys()
+    assert any("conv_du" in k for k in rcan) and not any("conv_du" in k for k in edsr)
+    sizes = {arch: sum(v.numel() for v in state.values()) for arch, state in states.items()}
+    assert sizes == {"edsr": 21_185, "rcan": 23_603}  # the tiny presets at x2
+    # The checkpoint is the network the factory builds (nothing but parameters in either).
+    assert sizes["rcan"] == count_parameters(create_sr_model(SRConfig(arch="rcan", preset="tiny")))
+    found = ModelLoader().load_from_state_dict({k.removeprefix("net."): v for k, v in rcan.items()})
+    assert (found.architecture.id, found.scale, found.input_channels) == ("RCAN", 2, 1)
 
 
 # --------------------------------------------------------------------------- precision, format
