@@ -6,8 +6,10 @@ behind: ``.venv``, ``data/``, ``runs/``). A trainer run becomes the entrypoint
 lands on (a Ray Train ``TorchTrainer`` spreading ranks over nodes is tune's business). Relative
 ``out_dir`` and ``data.root`` of a ``fit`` would point into Ray's temporary copy of the working
 directory, so they are made absolute here, and the run directory is printed: on a real cluster
-they must be on a file system that every node shares. ``status``, ``logs`` and ``cancel`` wrap
-``ray job status|logs|stop --address``.
+they must be on a file system that every node shares. A pipeline's relative ``out_dir`` is made
+absolute the same way; ``-- pipeline ... --executor ray`` runs its stages as Ray tasks on the
+job's own cluster (Ray sets ``RAY_ADDRESS`` for the entrypoint). ``status``, ``logs`` and
+``cancel`` wrap ``ray job status|logs|stop --address``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from srmri.config import require
 __all__ = [
     "RayOptions",
     "anchor_fit_paths",
+    "anchor_pipeline_out_dir",
     "ray_address",
     "ray_entrypoint",
     "ray_job_command",
@@ -38,6 +41,7 @@ __all__ = [
 ]
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+PIPELINE_OUT_DIR = "runs/pipeline"  # PipelineConfig.out_dir's default (read without importing it)
 
 
 @dataclass
@@ -75,31 +79,36 @@ def ray_address(address: str = "") -> str:
     return address or os.environ.get("RAY_ADDRESS", "") or DEFAULT_ADDRESS
 
 
-def _fit_settings(program: Program) -> tuple[str, str, str]:
-    """``out_dir``, ``name`` and ``data.root`` of a fit, read from its YAML and overrides.
+def _yaml_and_overrides(program: Program) -> tuple[dict[str, Any], list[str]]:
+    """The program's ``--config`` YAML (``{}`` without one) and its ``key=value`` words.
 
     Read here with yaml alone: importing the trainer's config tree (torch, MONAI) would cost the
-    launcher seconds. The trainer checks the whole config when the job starts.
+    launcher seconds. The program checks the whole config when the job starts.
     """
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config", default=None)
-    parser.add_argument("overrides", nargs="*")
-    args, _ = parser.parse_known_args(list(program.args[1:]))
+    args, rest = parser.parse_known_args(list(program.args[1:]))
     data: dict[str, Any] = {}
     if args.config:
         path = Path(args.config)
         if not path.is_file():
-            raise FileNotFoundError(f"trainer config {path} does not exist")
+            raise FileNotFoundError(f"config {path} does not exist")
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the top level must be a mapping of settings")
+    return data, [w for w in rest if "=" in w and not w.startswith("-")]
+
+
+def _fit_settings(program: Program) -> tuple[str, str, str]:
+    """``out_dir``, ``name`` and ``data.root`` of a fit, read from its YAML and overrides."""
+    data, overrides = _yaml_and_overrides(program)
     section = data.get("data")
     settings = {
         "out_dir": str(data.get("out_dir", "runs")),
         "name": str(data.get("name") or ""),
         "data.root": str(section.get("root", "")) if isinstance(section, dict) else "",
     }
-    for item in args.overrides:
+    for item in overrides:
         key, sep, value = item.partition("=")
         if sep and key in settings:
             settings[key] = value
@@ -128,6 +137,30 @@ def anchor_fit_paths(program: Program, base: Path) -> tuple[Program, str | None]
         extra.append(f"data.root={(base / root).resolve()}")
     where = f"{out_dir}/{name}" if name else f"{out_dir}/<task>-<config hash> (set name= to fix it)"
     return program.with_args(*extra), where
+
+
+def anchor_pipeline_out_dir(program: Program, base: Path) -> tuple[Program, str | None]:
+    """Make a pipeline's relative ``out_dir`` absolute against ``base`` (see the module doc).
+
+    Args:
+        program: The program; anything but ``pipeline ...`` is returned as it is.
+        base: The directory relative paths mean (where the user typed the command).
+
+    Returns:
+        The program with ``out_dir=/abs`` appended where needed, and the pipeline's folder
+        (None for other programs).
+    """
+    if not program.is_pipeline:
+        return program, None
+    data, overrides = _yaml_and_overrides(program)
+    out_dir = str(data.get("out_dir", PIPELINE_OUT_DIR))
+    for item in overrides:
+        key, _, value = item.partition("=")
+        out_dir = value if key == "out_dir" else out_dir
+    if Path(out_dir).is_absolute():
+        return program, out_dir
+    out_dir = str((base / out_dir).resolve())
+    return program.with_args(f"out_dir={out_dir}"), out_dir
 
 
 def ray_entrypoint(options: RayOptions, program: Program) -> list[str]:
@@ -172,9 +205,10 @@ def run_ray(options: RayOptions, program: Program, dry_run: bool = False) -> int
     Returns:
         The exit status of ``ray job submit`` (0 for a dry run).
     """
-    run_dir = None
+    run_dir = pipeline_dir = None
     if options.anchor_paths:
         program, run_dir = anchor_fit_paths(program, Path.cwd())
+        program, pipeline_dir = anchor_pipeline_out_dir(program, Path.cwd())
     label = (program.module or "python").replace(".", "-")
     job_id = (
         options.submission_id
@@ -193,6 +227,8 @@ def run_ray(options: RayOptions, program: Program, dry_run: bool = False) -> int
     print(f"submitted Ray job {job_id} to {address}", file=sys.stderr)
     if run_dir is not None:
         print(f"run directory: {run_dir} (on the node that runs the job)", file=sys.stderr)
+    elif pipeline_dir is not None:
+        print(f"pipeline folder: {pipeline_dir} (its report.html at the end)", file=sys.stderr)
     elif program.module == "tune":
         where = "experiment.storage/name of its config; the job log ends with it"
         print(f"results: the search's experiment folder ({where})", file=sys.stderr)

@@ -21,12 +21,16 @@ from trainer.input_kind import InputKind, needs_sr, path_safe
 __all__ = [
     "DATA_IGNORE",
     "STAGES_FILE",
+    "STAGE_KINDS",
     "TRAIN_IGNORE",
     "Arm",
+    "ExecutorConfig",
+    "ExecutorResources",
     "PipelineConfig",
     "ReportConfig",
     "StageConfig",
     "StageRecord",
+    "StageResources",
     "StageStatus",
     "arm_run_dir",
     "arm_run_name",
@@ -126,6 +130,84 @@ class ReportConfig:
     )
 
 
+# The kinds of stage (the part of a stage's name before "/"); each has its executor resources.
+STAGE_KINDS = ("data", "sr", "enhance", "classify", "evaluate", "report")
+# Kinds that run in one process whatever the ranks (ingest and the report are rank 0's work).
+_ONE_PROCESS_KINDS = ("data", "report")
+
+
+@dataclass
+class StageResources:
+    """What one stage of a kind gets from a parallel executor (the serial one ignores it).
+
+    Attributes:
+        cpus: CPUs reserved per stage (Ray ``num_cpus``; fractions share a core).
+        gpus: GPUs reserved per stage (Ray ``num_gpus``); a multi-rank stage needs one per rank.
+        ranks: Processes of a distributed stage (torchrun on the node the stage lands on).
+    """
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    ranks: int = 1
+
+
+@dataclass
+class ExecutorResources:
+    """:class:`StageResources` per stage kind (see :data:`STAGE_KINDS`)."""
+
+    data: StageResources = field(default_factory=StageResources)
+    sr: StageResources = field(default_factory=StageResources)
+    enhance: StageResources = field(default_factory=StageResources)
+    classify: StageResources = field(default_factory=StageResources)
+    evaluate: StageResources = field(default_factory=StageResources)
+    report: StageResources = field(default_factory=StageResources)
+
+
+@dataclass
+class ExecutorConfig:
+    """How the stages are run; no part of any stage's fingerprint (it changes no result).
+
+    Attributes:
+        kind: ``serial`` (one process, one stage after another) or ``ray`` (every stage a Ray
+            task, independent stages at the same time: :mod:`trainer.experiment.ray_executor`).
+        address: The Ray cluster (``HOST:PORT`` of its GCS, ``auto`` or ``ray://HOST:PORT``);
+            empty: ``$RAY_ADDRESS`` (set inside a Ray job), else a local Ray started for the run.
+        resources: What each kind of stage reserves.
+    """
+
+    kind: Literal["serial", "ray"] = "serial"
+    address: str = ""
+    resources: ExecutorResources = field(default_factory=ExecutorResources)
+
+    def check(self) -> None:
+        require(
+            not self.address.startswith(("http://", "https://")),
+            "executor.address",
+            f"{self.address} is a dashboard address (what `launch ray --address` takes); give "
+            "the cluster's GCS address HOST:PORT (port 6379 by default), auto or ray://HOST:PORT",
+        )
+        for kind in STAGE_KINDS:
+            self._check_kind(kind, getattr(self.resources, kind))
+
+    @staticmethod
+    def _check_kind(kind: str, res: StageResources) -> None:
+        key = f"executor.resources.{kind}"
+        require(res.cpus >= 0, f"{key}.cpus", f"must be >= 0, got {res.cpus}")
+        require(res.gpus >= 0, f"{key}.gpus", f"must be >= 0, got {res.gpus}")
+        require(res.ranks >= 1, f"{key}.ranks", f"must be >= 1, got {res.ranks}")
+        require(
+            res.ranks == 1 or kind not in _ONE_PROCESS_KINDS,
+            f"{key}.ranks",
+            f"a {kind} stage runs in one process, got {res.ranks} ranks",
+        )
+        # DDP with NCCL refuses two ranks on one device: a GPU stage needs a GPU per rank.
+        require(
+            res.gpus == 0 or res.gpus >= res.ranks,
+            f"{key}.gpus",
+            f"{res.ranks} ranks need {res.ranks} GPUs (one each), got {res.gpus:g}",
+        )
+
+
 @dataclass
 class PipelineConfig:
     """The whole experiment.
@@ -142,6 +224,7 @@ class PipelineConfig:
         logging: MLflow tracking of the whole pipeline, set once: with ``mlflow_uri`` set the
             pipeline is one parent run (the report is logged to it) and every training stage
             a child run under it, whatever the stage configs say; empty: each stage's own.
+        executor: How the stages run (serial or as Ray tasks) and what each kind reserves.
     """
 
     out_dir: str = "runs/pipeline"
@@ -153,6 +236,7 @@ class PipelineConfig:
     enhance_batch: int = 16
     report: ReportConfig = field(default_factory=ReportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def check(self) -> None:
         require(bool(self.arms), "arms", "name at least one input arm")

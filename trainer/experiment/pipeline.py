@@ -150,9 +150,17 @@ def run_pipeline(cfg: PipelineConfig, only: str | None = None, expect_dataset_id
     return report_path
 
 
+def _executor_flags(args: argparse.Namespace) -> list[str]:
+    """``--executor``/``--address`` as the overrides they stand for (applied last)."""
+    flags = [f"executor.kind={args.executor}"] if args.executor else []
+    if args.address is not None:  # JSON-quoted: YAML would read some HOST:PORT as a number
+        flags.append(f"executor.address={json.dumps(args.address)}")
+    return flags
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``srmri pipeline --config FILE [key=value ...] [--stage NAME | --plan]``; exit status."""
-    import argparse
+    """``srmri pipeline --config FILE [key=value ...] [--stage NAME | --plan]
+    [--executor serial|ray] [--address HOST:PORT]``; returns the exit status."""
     import sys
 
     parser = argparse.ArgumentParser(prog="srmri pipeline", description=__doc__)
@@ -161,15 +169,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", help="run only this stage (its upstream must be done)")
     parser.add_argument("--plan", action="store_true", help="print the stages as JSON, run none")
     parser.add_argument("--expect-dataset-id", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--executor", choices=["serial", "ray"], help="= executor.kind=...")
+    parser.add_argument("--address", help="Ray cluster, HOST:PORT or auto (= executor.address)")
     args = parser.parse_intermixed_args(argv)
     try:
-        cfg = load_pipeline_config(args.config, args.overrides)
+        cfg = load_pipeline_config(args.config, [*args.overrides, *_executor_flags(args)])
         if args.plan:
             dataset_id, planned = plan_status(cfg)
             rows = [dataclasses.asdict(p) for p in planned]
             print(json.dumps({"dataset_id": dataset_id, "stages": rows}, indent=1))
             return 0
-        run_pipeline(cfg, args.stage, args.expect_dataset_id)
+        if cfg.executor.kind == "ray" and args.stage is None:  # a stage alone runs here
+            from trainer.experiment.ray_executor import run_with_ray
+
+            # the stages get the flags too: each rewrites OUT/pipeline.yaml, which says how it ran
+            run_with_ray(cfg, args.config, [*args.overrides, *_executor_flags(args)])
+        else:
+            run_pipeline(cfg, args.stage, args.expect_dataset_id)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
