@@ -33,11 +33,11 @@ from shards.sample import Sample
 from trainer.augment import create_augmentation
 from trainer.backend import Backend
 from trainer.batch import Prepare, TaskBatch, TaskSample
+from trainer.classify_task import ClassificationTask
 from trainer.config import TrainConfig
 from trainer.criterion import TrainLoss
 from trainer.factories import create_classifier
 from trainer.srnet import create_sr_model
-from trainer.task import ClassificationTask
 
 __all__ = ["SR_TRAINING_ONLY", "TSRModel", "TSRTask", "TSRTransform", "sr_init_weights"]
 

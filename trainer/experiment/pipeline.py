@@ -44,7 +44,7 @@ from trainer.experiment.plan import (
     plan_status,
     stage_argv,
 )
-from trainer.experiment.stage import Stage, Stages, locked, run_stage
+from trainer.experiment.stage import PipelineError, Stage, Stages, locked, run_stage
 from trainer.shared_run import end_status
 
 __all__ = [
@@ -60,10 +60,6 @@ __all__ = [
     "run_pipeline",
     "stage_argv",
 ]
-
-
-class PipelineError(RuntimeError):
-    """A stage cannot run now (its upstream is not done, or the inputs changed under it)."""
 
 
 def _run_data(cfg: PipelineConfig, stages: Stages, expect_dataset_id: str) -> str:

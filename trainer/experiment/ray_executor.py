@@ -247,7 +247,7 @@ class _Scheduler:
 
     def _raise_failed(self) -> None:
         """Raise naming every failed stage, its log, and what was not started for it."""
-        from trainer.experiment.pipeline import PipelineError
+        from trainer.experiment.stage import PipelineError
 
         failed = [name for name, s in self.state.items() if s == "failed"]
         if not failed:

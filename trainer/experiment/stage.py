@@ -26,6 +26,11 @@ from trainer.experiment.config import STAGES_FILE, StageRecord, StageStatus, rea
 
 __all__ = ["Stage", "StageKind", "Stages", "barrier", "locked", "run_stage"]
 
+
+class PipelineError(RuntimeError):
+    """A stage cannot run now (its upstream is not done, or the inputs changed under it)."""
+
+
 # What a stage does, hence which resources it needs and whether it runs on every rank.
 StageKind = Literal["data", "sr", "enhance", "classify", "evaluate", "report"]
 

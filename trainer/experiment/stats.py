@@ -377,4 +377,12 @@ def mixed_intercept(
         return MixedModelFit("failed", notes=["the fit gave no finite interval", *said])
     status, why = _fit_status(group_var, residual_var, bool(fit.converged), said)
     notes = [why, *said] if why else said
-    return MixedModelFit(status, estimate, low, high, group_var, residual_var, notes)
+    return MixedModelFit(
+        status,
+        estimate=estimate,
+        ci_low=low,
+        ci_high=high,
+        group_var=group_var,
+        residual_var=residual_var,
+        notes=notes,
+    )

@@ -284,4 +284,14 @@ def compare(
         )
         for s in splits
     ]
-    return StudyComparison(a, b, diff, lo, hi, verdict(lo, hi), mixed, per_split, runs)
+    return StudyComparison(
+        a,
+        b,
+        diff,
+        ci_low=lo,
+        ci_high=hi,
+        verdict=verdict(lo, hi),
+        mixed=mixed,
+        per_split=per_split,
+        runs=runs,
+    )
