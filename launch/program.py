@@ -4,8 +4,9 @@
 (the default: ``-- fit --config X``), or start with a package name (``-- trainer fit ...``,
 ``-- tune run ...``, ``-- shards ...``), with ``pipeline`` (``srmri pipeline ...``), or with
 ``python`` for any other Python command (``-- python -m mymodule``). Every target turns a
-:class:`Program` into its own command line; only trainer ``fit``/``evaluate`` runs are spread
-over ranks, everything else runs once.
+:class:`Program` into its own command line; trainer ``fit``/``evaluate`` runs are spread over
+ranks, and so is a pipeline stage that its plan says runs on every rank (the Slurm DAG of
+:mod:`launch.slurm_pipeline` marks those); everything else runs once.
 """
 
 from __future__ import annotations
@@ -34,16 +35,24 @@ class Program:
         module: Module run with ``python -m`` (``trainer``, ``tune``, ``launch.cli`` for the
             ``srmri`` script); empty for a raw ``python ...`` command.
         args: Its arguments (for a raw command: everything after ``python``).
+        spread: Run it on every rank although its command alone does not say so (a pipeline
+            ``--stage`` that trains, enhances or evaluates: only the plan knows).
     """
 
     module: str
     args: tuple[str, ...]
+    spread: bool = False
 
     @property
     def distributed(self) -> bool:
         """True for runs that torchrun/DeepSpeed spread over ranks (trainer fit/evaluate)."""
         commands = _DISTRIBUTED.get(self.module, ())
-        return bool(self.args) and self.args[0] in commands
+        return self.spread or (bool(self.args) and self.args[0] in commands)
+
+    @property
+    def is_pipeline(self) -> bool:
+        """True for ``srmri pipeline ...`` (the ``launch.cli`` console script's command)."""
+        return self.module == "launch.cli" and self.args[:1] == ("pipeline",)
 
     @property
     def is_fit(self) -> bool:
@@ -64,7 +73,7 @@ class Program:
 
     def with_args(self, *extra: str) -> Program:
         """A copy with ``extra`` appended to the arguments (e.g. a dotted override)."""
-        return Program(self.module, (*self.args, *extra))
+        return Program(self.module, (*self.args, *extra), self.spread)
 
     def has_override(self, key: str) -> bool:
         """Whether the arguments already set ``key=...`` (a dotted trainer override)."""

@@ -191,13 +191,17 @@ def _sbatch_lines(
     return lines
 
 
-def render_sbatch(options: SlurmOptions, program: Program, cwd: Path | None = None) -> str:
+def render_sbatch(
+    options: SlurmOptions, program: Program, cwd: Path | None = None, title: str = ""
+) -> str:
     """The sbatch script that runs ``program`` as ``options`` say.
 
     Args:
         options: The target's options.
         program: A trainer run (torchrun on every node) or a program run once (one node).
         cwd: The job's working directory when ``options.workdir`` is empty (default: here).
+        title: What the job is, put before the script's first comment line (e.g. the
+            pipeline stage it runs); empty: nothing.
 
     Returns:
         The script text.
@@ -222,10 +226,10 @@ def render_sbatch(options: SlurmOptions, program: Program, cwd: Path | None = No
             nnodes=nodes,
             extra=extra,
         )
-        title = f"{options.nodes} node(s) x {options.ranks_per_node} rank(s): {program.module}"
+        what = f"{options.nodes} node(s) x {options.ranks_per_node} rank(s): {program.module}"
     else:
         cmd = program.python_argv()
-        title = f"one process: {quote(cmd)}"
+        what = f"one process: {quote(cmd)}"
     # The launcher's words are shell expressions ("$head_addr:$port"); the program's are quoted.
     n_prog = len(program.module_argv()) if program.distributed else len(cmd)
     lines = [*cmd[: len(cmd) - n_prog], quote(cmd[len(cmd) - n_prog :])]
@@ -239,7 +243,7 @@ def render_sbatch(options: SlurmOptions, program: Program, cwd: Path | None = No
         preemption = _NO_PREEMPTION
     port = options.port or "$((20000 + SLURM_JOB_ID % 20000))"
     return _SCRIPT.substitute(
-        title=title,
+        title=f"{title}: {what}" if title else what,
         script_name=f"{output_dir}/{options.job_name}.sbatch",
         sbatch="\n".join(_sbatch_lines(options, output_dir, workdir, preemptible)),
         setup="\n".join(options.setup) or "# (none: the job inherits the environment of sbatch)",
