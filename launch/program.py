@@ -12,8 +12,9 @@ ranks, and so is a pipeline stage that its plan says runs on every rank (the Slu
 from __future__ import annotations
 
 import shlex
-import socket
 from dataclasses import dataclass
+
+from srmri.ports import free_port  # re-exported: the launch targets' rendezvous port
 
 __all__ = [
     "PACKAGES",
@@ -116,10 +117,3 @@ def parse_program(args: list[str] | tuple[str, ...]) -> Program:
 def quote(argv: list[str] | tuple[str, ...]) -> str:
     """One shell-safe line for ``argv`` (what ``--dry-run`` prints)."""
     return shlex.join(argv)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (for a rendezvous on this machine)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])

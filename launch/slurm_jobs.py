@@ -141,14 +141,19 @@ def print_status(job_id: str) -> int:
     return 0
 
 
+def _print_tail(log: Path, tail: int) -> None:
+    """Print ``log`` (its last ``tail`` lines when > 0)."""
+    lines = log.read_text(errors="replace").splitlines()
+    print("\n".join(lines[-tail:] if tail > 0 else lines))
+
+
 def print_logs(job_id: str, output_dir: str | Path = "runs/slurm", tail: int = 0) -> int:
     """Print the job's log (its last ``tail`` lines when > 0); 1 when no log is found."""
     log = find_log(job_id, output_dir)
     if log is None:
         print(f"no log for Slurm job {job_id} (looked at scontrol and {output_dir}/*-{job_id}.out)")
         return 1
-    lines = log.read_text(errors="replace").splitlines()
-    print("\n".join(lines[-tail:] if tail > 0 else lines))
+    _print_tail(log, tail)
     return 0
 
 
@@ -229,8 +234,7 @@ def print_dag_logs(out: str | Path, tail: int = 0) -> int:
         log = find_log(entry["job"], dag["output_dir"])
         print(f"===== {name} (job {entry['job']}): {log or 'no log yet'}")
         if log is not None:
-            lines = log.read_text(errors="replace").splitlines()
-            print("\n".join(lines[-tail:] if tail > 0 else lines))
+            _print_tail(log, tail)
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from shards.ingest_config import IngestConfig
 from srmri.config import load_config, require
@@ -25,10 +25,12 @@ __all__ = [
     "TRAIN_IGNORE",
     "Arm",
     "ExecutorConfig",
+    "ExecutorKind",
     "ExecutorResources",
     "PipelineConfig",
     "ReportConfig",
     "StageConfig",
+    "StageKind",
     "StageRecord",
     "StageResources",
     "StageStatus",
@@ -131,7 +133,10 @@ class ReportConfig:
 
 
 # The kinds of stage (the part of a stage's name before "/"); each has its executor resources.
-STAGE_KINDS = ("data", "sr", "enhance", "classify", "evaluate", "report")
+StageKind = Literal["data", "sr", "enhance", "classify", "evaluate", "report"]
+STAGE_KINDS: tuple[StageKind, ...] = get_args(StageKind)
+# How the stages are run: one after another in this process, or as Ray tasks.
+ExecutorKind = Literal["serial", "ray"]
 # Kinds that run in one process whatever the ranks (ingest and the report are rank 0's work).
 _ONE_PROCESS_KINDS = ("data", "report")
 
@@ -175,7 +180,7 @@ class ExecutorConfig:
         resources: What each kind of stage reserves.
     """
 
-    kind: Literal["serial", "ray"] = "serial"
+    kind: ExecutorKind = "serial"
     address: str = ""
     resources: ExecutorResources = field(default_factory=ExecutorResources)
 

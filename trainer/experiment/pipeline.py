@@ -30,11 +30,18 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import get_args
 
 from shards.format import read_index
 from srmri.config import ConfigError, dump_config, save_config
 from srmri.distributed import init_distributed, print0
-from trainer.experiment.config import PipelineConfig, StageConfig, data_dir, load_pipeline_config
+from trainer.experiment.config import (
+    ExecutorKind,
+    PipelineConfig,
+    StageConfig,
+    data_dir,
+    load_pipeline_config,
+)
 from trainer.experiment.parent_run import open_parent_run, stage_logging
 from trainer.experiment.plan import (
     Plan,
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", help="run only this stage (its upstream must be done)")
     parser.add_argument("--plan", action="store_true", help="print the stages as JSON, run none")
     parser.add_argument("--expect-dataset-id", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--executor", choices=["serial", "ray"], help="= executor.kind=...")
+    parser.add_argument("--executor", choices=get_args(ExecutorKind), help="= executor.kind=...")
     parser.add_argument("--address", help="Ray cluster, HOST:PORT or auto (= executor.address)")
     args = parser.parse_intermixed_args(argv)
     try:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from srmri.atomic import write_json
+from srmri.ports import free_port
 
 if TYPE_CHECKING:
     from trainer.experiment.config import ExecutorConfig, PipelineConfig
@@ -53,9 +54,7 @@ def _stage_command(words: list[str], ranks: int) -> list[str]:
     module = ["-m", "trainer.experiment", *words]
     if ranks <= 1:
         return [sys.executable, *module]
-    with socket.socket() as s:  # a port free on this node now: the ranks' rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()  # free on this node now: the ranks' rendezvous
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1"]
     rdzv = [f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=stage-{port}"]
     return [*torchrun, f"--nproc-per-node={ranks}", "--rdzv-backend=c10d", *rdzv, *module]

@@ -16,23 +16,25 @@ import fcntl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch.distributed as dist
 
 from srmri.atomic import write_json
 from srmri.distributed import print0
-from trainer.experiment.config import STAGES_FILE, StageRecord, StageStatus, read_stages
+from trainer.experiment.config import (
+    STAGES_FILE,
+    StageKind,
+    StageRecord,
+    StageStatus,
+    read_stages,
+)
 
-__all__ = ["Stage", "StageKind", "Stages", "barrier", "locked", "run_stage"]
+__all__ = ["PipelineError", "Stage", "StageKind", "Stages", "barrier", "locked", "run_stage"]
 
 
 class PipelineError(RuntimeError):
     """A stage cannot run now (its upstream is not done, or the inputs changed under it)."""
-
-
-# What a stage does, hence which resources it needs and whether it runs on every rank.
-StageKind = Literal["data", "sr", "enhance", "classify", "evaluate", "report"]
 
 
 @dataclasses.dataclass(frozen=True)
