@@ -18,7 +18,6 @@ working directory), which ``python -m launch status|logs|cancel OUT`` read.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
@@ -64,23 +63,17 @@ class PipelineArgs:
 def dag_args(program: Program) -> PipelineArgs | None:
     """The config and overrides when ``program`` is a whole pipeline, else None.
 
-    ``pipeline --stage NAME`` (one stage) and ``pipeline --plan`` stay single jobs.
-
-    Raises:
-        ValueError: A pipeline without ``--config``.
+    The words are read by the pipeline's own parser (a bad one fails here, before any job).
+    ``pipeline --stage NAME``, ``--plan`` and ``--executor``/``--address`` (a pipeline that
+    schedules itself) stay single jobs.
     """
     if not program.is_pipeline:
         return None
-    parser = argparse.ArgumentParser(prog="srmri pipeline", add_help=False)
-    parser.add_argument("--config", default="")
-    parser.add_argument("--stage", default="")
-    parser.add_argument("--plan", action="store_true")
-    parser.add_argument("overrides", nargs="*")
-    args, unknown = parser.parse_known_intermixed_args(list(program.args[1:]))
-    if args.stage or args.plan or unknown:
+    from trainer.experiment.pipeline import pipeline_parser  # torch: only for a pipeline
+
+    args = pipeline_parser().parse_intermixed_args(list(program.args[1:]))
+    if args.stage or args.plan or args.expect_dataset_id or args.executor or args.address:
         return None
-    if not args.config:
-        raise ValueError("`-- pipeline` needs --config FILE")
     return PipelineArgs(args.config, tuple(args.overrides))
 
 

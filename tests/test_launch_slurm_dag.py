@@ -102,6 +102,25 @@ def test_dry_run_prints_one_script_per_stage(
     assert not tmp_path.joinpath("slurm").exists() and not (out / DAG_FILE).exists()
 
 
+def test_the_pipeline_words_are_read_by_the_pipelines_parser(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    argv = ["slurm", "--dry-run", "--output-dir", str(tmp_path), "--", "pipeline"]
+    with pytest.raises(SystemExit):  # the pipeline's own error, before any script
+        main([*argv, "--config", str(SMOKE), "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, f"out_dir={tmp_path}"])
+    assert "--config" in capsys.readouterr().err
+    # One stage, or a pipeline that schedules itself with Ray, is one job, not a DAG.
+    for extra in (["--stage", "data"], ["--executor", "ray"]):
+        assert main([*argv, "--config", str(SMOKE), *extra]) == 0
+        printed = capsys.readouterr().out
+        assert "# ===== stage" not in printed and printed.count("#SBATCH --job-name") == 1
+        assert " ".join(extra) in printed
+
+
 def _alive(pid_file: Path) -> bool:
     try:
         os.kill(int(pid_file.read_text().split()[0]), 0)

@@ -161,11 +161,8 @@ def _executor_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``srmri pipeline --config FILE [key=value ...] [--stage NAME | --plan]
-    [--executor serial|ray] [--address HOST:PORT]``; returns the exit status."""
-    import sys
-
+def pipeline_parser() -> argparse.ArgumentParser:
+    """The command line of ``srmri pipeline`` (``launch slurm`` reads a pipeline's with it)."""
     parser = argparse.ArgumentParser(prog="srmri pipeline", description=__doc__)
     parser.add_argument("--config", required=True, help="pipeline YAML (configs/quickstart.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -174,6 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expect-dataset-id", default="", help=argparse.SUPPRESS)
     parser.add_argument("--executor", choices=get_args(ExecutorKind), help="= executor.kind=...")
     parser.add_argument("--address", help="Ray cluster, HOST:PORT or auto (= executor.address)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``srmri pipeline --config FILE [key=value ...] [--stage NAME | --plan]
+    [--executor serial|ray] [--address HOST:PORT]``; returns the exit status."""
+    import sys
+
+    parser = pipeline_parser()
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_pipeline_config(args.config, [*args.overrides, *_executor_flags(args)])
