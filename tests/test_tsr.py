@@ -264,6 +264,11 @@ def test_the_plan_runs_tsr_after_the_sr_stage_without_enhance(tmp_path: Path) ->
     assert "enhance" in planned["classify/sr-seed0"].upstream
     assert "enhance" not in planned["classify/tsr-seed0"].upstream
     assert planned["classify/tsr-seed0"].fingerprint == tsr.fingerprint
+    # model.sr_init names the SR run inside out_dir: a moved pipeline keeps its tsr stage
+    # (the SR run's content is in the fingerprint as the sr stage's).
+    moved = load_pipeline_config(smoke, [f"out_dir={tmp_path / 'moved'}", "arms=[lr,tsr]"])
+    elsewhere = {s.name: s for s in plan_pipeline(moved, "set-a").stages}
+    assert elsewhere["classify/tsr-seed0"].fingerprint == tsr.fingerprint
     # The SR stage's settings are part of the tsr arm's fingerprint, not of the lr arm's.
     sr = dataclasses.replace(cfg.sr, overrides=[*cfg.sr.overrides, "optim.lr=0.01"])
     changed = {
