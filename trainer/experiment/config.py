@@ -58,7 +58,6 @@ TRAIN_IGNORE = (
     "name",
     "data.root",
     "data.sr_root",
-    "model.sr_init",
     "train.log_every",
     "train.resume",
     "logging",

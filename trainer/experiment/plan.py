@@ -297,7 +297,11 @@ def _classifier_stages(run_cfg: TrainConfig, upstream: dict[str, str]) -> list[S
     from trainer.loop import evaluate, fit
 
     run_dir = run_dir_of(run_cfg)
-    own = config_fingerprint(run_cfg, TRAIN_IGNORE)
+    # A tsr run's model.sr_init is the SR run's path inside out_dir (its content is the sr
+    # upstream's fingerprint). Left out for tsr alone: dropping the key (empty elsewhere) from
+    # every stage would change every fingerprint made so far and re-run finished pipelines.
+    tsr = ("model.sr_init",) if trains_sr(run_cfg.data.inputs) else ()
+    own = config_fingerprint(run_cfg, (*TRAIN_IGNORE, *tsr))
     name = run_cfg.name
     classify = Stage(
         f"classify/{name}",
