@@ -144,8 +144,35 @@ SlurmctldPort=6817
     )
 
 
-def _kill_pid_file(pid_file: Path, timeout: float = 10.0) -> None:
-    """SIGTERM the pid in ``pid_file`` and wait for it to go (SIGKILL after ``timeout``)."""
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie nobody reaped yet counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # the state follows the parenthesised command name in /proc/PID/stat
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while _running(pid):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _kill_pid_file(pid_file: Path, timeout: float = 30.0) -> None:
+    """SIGTERM the pid in ``pid_file`` and wait for it to go (SIGKILL after ``timeout``).
+
+    slurmctld saves its state on SIGTERM, which on a loaded 2-core machine took over 10 s; a
+    cluster started while the old one is still exiting would find its daemon alive.
+    """
     try:
         pid = int(pid_file.read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -154,23 +181,19 @@ def _kill_pid_file(pid_file: Path, timeout: float = 10.0) -> None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
+    if _wait_gone(pid, timeout):
+        return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+    if not _wait_gone(pid, 10.0):
+        raise RuntimeError(f"pid {pid} of {pid_file} outlived SIGKILL by 10 s")
 
 
 def _alive(pid_file: Path) -> bool:
     try:
-        os.kill(int(pid_file.read_text().split()[0]), 0)
+        return _running(int(pid_file.read_text().split()[0]))
     except (OSError, ValueError, IndexError):
         return False
-    return True
 
 
 def _start_munge() -> Path | None:
