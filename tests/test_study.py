@@ -305,3 +305,77 @@ def test_an_unfinished_or_stale_report_is_refused(folders, tmp_path, capsys) -> 
     assert rc == 1 and "out of date" in err and "classify/sr-seed1" in err, err
     rc, err = _study([str(folders["split1"])], capsys)
     assert rc == 1 and "at least two" in err
+
+
+# ---------------------------------------------------------------------- archives
+
+
+@pytest.fixture(scope="module")
+def archives(folders, tmp_path_factory) -> dict[str, Path]:
+    """Each finished smoke folder archived by the command (what RESULTS.md's study keeps)."""
+    tmp = tmp_path_factory.mktemp("archives")
+    made = {}
+    for seed in SPLIT_SEEDS:
+        dest = tmp / f"split{seed}"
+        assert experiment_main(["archive", str(folders[f"split{seed}"]), str(dest)]) == 0
+        made[f"split{seed}"] = dest
+    return made
+
+
+def test_a_study_of_archives_is_the_study_of_their_folders(archives, folders, study) -> None:
+    js = study["tmp"] / "from-archives.json"
+    argv = [str(archives[f"split{s}"]) for s in SPLIT_SEEDS]
+    flags = ["--json", str(js), "--bootstrap", "2000", "--split-bootstrap", "200"]
+    assert experiment_main(["study", *argv, *flags]) == 0
+    assert json.loads(js.read_text()) == study["json"]
+    for seed in SPLIT_SEEDS:
+        arch, out = archives[f"split{seed}"], folders[f"split{seed}"]
+        files = [p for p in arch.rglob("*") if p.is_file()]
+        # records only: no shard, no checkpoint, a small fraction of the folder
+        assert not [
+            p
+            for p in files
+            if p.suffix in (".tar", ".pt", ".safetensors", ".yaml") and p.name != "config.yaml"
+        ]
+        size = sum(p.stat().st_size for p in files)
+        assert size < 0.05 * sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        for p in files:  # no path of the machine's, the folder's own included
+            assert str(out.parent).encode() not in p.read_bytes(), p
+
+
+def test_a_changed_or_missing_archived_file_is_refused(archives, tmp_path, capsys) -> None:
+    changed = tmp_path / "changed"
+    shutil.copytree(archives["split2"], changed)
+    preds = next(changed.rglob("predictions_test.parquet"))
+    preds.write_bytes(preds.read_bytes() + b"\0")
+    rc, err = _study([str(archives["split1"]), str(changed)], capsys)
+    assert rc == 1 and f"{changed}: archived file" in err and "changed since" in err, err
+    preds.unlink()
+    rc, err = _study([str(archives["split1"]), str(changed)], capsys)
+    assert rc == 1 and "is missing" in err, err
+
+
+def test_archiving_refuses_an_unfinished_folder_or_a_taken_dest(
+    folders, archives, tmp_path, capsys
+) -> None:
+    assert experiment_main(["archive", str(folders["unfinished"]), str(tmp_path / "a")]) == 1
+    assert "its report is unfinished" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert experiment_main(["archive", str(folders["split1"]), str(archives["split1"])]) == 1
+    assert "already exists" in capsys.readouterr().err
+    # an interrupted archive's leftovers are replaced, never taken for the archive
+    dest = tmp_path / "b"
+    (tmp_path / "b.partial").mkdir()
+    (tmp_path / "b.partial" / "stray").write_text("x")
+    assert experiment_main(["archive", str(folders["split1"]), str(dest)]) == 0
+    assert not (dest / "stray").exists() and not (tmp_path / "b.partial").exists()
+
+
+def test_a_pipeline_refuses_to_run_into_an_archive(archives) -> None:
+    from trainer.experiment.config import load_pipeline_config
+    from trainer.experiment.pipeline import run_pipeline
+    from trainer.experiment.stage import PipelineError
+
+    cfg = load_pipeline_config(str(SMOKE), _overrides(archives["split1"], 1))
+    with pytest.raises(PipelineError, match="an archive of a finished pipeline"):
+        run_pipeline(cfg)

@@ -35,6 +35,7 @@ from typing import get_args
 from shards.format import read_index
 from srmri.config import ConfigError, dump_config, save_config
 from srmri.distributed import init_distributed, print0
+from trainer.experiment.archive import is_archive
 from trainer.experiment.config import (
     ExecutorKind,
     PipelineConfig,
@@ -112,10 +113,16 @@ def run_pipeline(cfg: PipelineConfig, only: str | None = None, expect_dataset_id
         The path of the HTML report (written once the report stage ran).
 
     Raises:
-        PipelineError: ``only``'s upstream stages are not done, or the data set changed.
+        PipelineError: ``only``'s upstream stages are not done, the data set changed, or
+            ``out_dir`` is an archive.
     """
-    info = init_distributed("auto")
     out = Path(cfg.out_dir)
+    if is_archive(out):  # its stages look done, but it holds nothing to continue from
+        raise PipelineError(
+            f"{out}: an archive of a finished pipeline (records only, no data or weights); "
+            "give another out_dir"
+        )
+    info = init_distributed("auto")
     out.mkdir(parents=True, exist_ok=True)
     print0(dump_config(cfg))
     if info.is_main:

@@ -1,11 +1,12 @@
 """``python -m trainer.experiment study OUT ...``: the pre-registered analysis across splits.
 
-Each ``OUT`` is one finished pipeline folder (one split seed of the same slices, the same arms
-and model seeds). Per comparison (every arm minus ``lr``) it gives, as RESULTS.md pre-registers
-(issue 17): the mean paired difference over the (split, seed) runs with a hierarchical
-bootstrap interval (splits, then patients, then seeds) and a linear mixed model beside it; the
-per-split interval the report computes; exact McNemar per run, Holm-adjusted within the
-comparison; then every arm's accuracy over the runs and the SR quality per split.
+Each ``OUT`` is one finished pipeline folder or its archive (``trainer.experiment archive``),
+one split seed of the same slices, the same arms and model seeds. Per comparison (every arm
+minus ``lr``) it gives, as RESULTS.md pre-registers (issue 17): the mean paired difference
+over the (split, seed) runs with a hierarchical bootstrap interval (splits, then patients, then
+seeds) and a linear mixed model beside it; the per-split interval the report computes; exact
+McNemar per run, Holm-adjusted within the comparison; then every arm's accuracy over the runs
+and the SR quality per split.
 
 Folders are read only after all of them are checked: each report finished and current, the
 same arms and seeds everywhere, no split twice. The outputs identify a folder by its data set
@@ -24,7 +25,8 @@ from typing import Any
 
 from shards.format import read_index
 from srmri.atomic import write_text
-from trainer.experiment.config import DATA_IGNORE, arm_run_dir, data_dir, read_stages
+from trainer.experiment.archive import FolderError, finished_report, verify_archive
+from trainer.experiment.config import DATA_IGNORE, arm_run_dir, data_dir
 from trainer.experiment.report import BASELINE_ARM, ReportError, arm_correctness
 from trainer.experiment.study_stats import (
     ArmRow,
@@ -43,8 +45,8 @@ __all__ = ["StudyError", "main", "run_study"]
 _SPLIT_FREE = {"split", "secret_file", *DATA_IGNORE}
 
 
-class StudyError(RuntimeError):
-    """The folders cannot be analysed together (unfinished, mismatched or a split twice)."""
+class StudyError(FolderError):
+    """The folders cannot be analysed together (mismatched, or a split twice)."""
 
 
 @dataclass
@@ -58,33 +60,11 @@ class _Folder:
     data_config: dict[str, Any]
 
 
-def _report_record(out: Path, name: str) -> tuple[dict[str, Any], str]:
-    """``results.json`` of a finished, current report and the report stage's fingerprint."""
-    stages = read_stages(out)
-    if not stages:
-        raise StudyError(f"{name}: not a pipeline folder (it has no stages.json)")
-    report = stages.get("report")
-    if report is None or report.status != "done":
-        state = "never ran" if report is None else report.status
-        raise StudyError(f"{name}: its report is unfinished (stage report {state}); finish it")
-    results = out / "results.json"
-    if not results.is_file():
-        raise StudyError(f"{name}: its report is unfinished (no results.json)")
-    # A stage re-run under another config after the report leaves a report of older runs.
-    for stage, fingerprint in report.upstream.items():
-        record = stages.get(stage)
-        if stage != "data" and (record is None or record.fingerprint != fingerprint):
-            raise StudyError(
-                f"{name}: its report is out of date (stage {stage} changed since it was "
-                "written); run the pipeline again to rebuild it"
-            )
-    return json.loads(results.read_text()), report.fingerprint
-
-
 def _read_folder(out: Path) -> _Folder:
     """Check one folder's report and read what identifies its split (no predictions yet)."""
     name = str(out)
-    results, report_fp = _report_record(out, name)
+    verify_archive(out, name)
+    results, report_fp = finished_report(out, name)
     try:
         index = read_index(data_dir(out))
     except (OSError, ValueError) as exc:
@@ -189,6 +169,7 @@ def run_study(
 
     Raises:
         StudyError: Fewer than two folders, or folders that cannot be analysed together.
+        FolderError: A folder unfinished or out of date, or an archive changed since made.
     """
     if len(outs) < 2:
         raise StudyError("name at least two pipeline folders, one per split")
@@ -231,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--bootstrap and --split-bootstrap need at least one replicate")
     try:
         study = run_study(args.outs, args.bootstrap, args.split_bootstrap, args.seed)
-    except StudyError as exc:
+    except FolderError as exc:  # StudyError too
         print(f"study: error: {exc}", file=sys.stderr)
         return 1
     text = study_markdown(study)
