@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,15 +15,9 @@ import torch.multiprocessing as mp
 import webdataset as wds
 
 from shards.format import DatasetIndex, ShardInfo, encode_sample, shard_name, to_uint16, write_index
+from srmri.ports import free_port
 
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
-
-
-def free_port() -> int:
-    """A TCP port on loopback that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def toy_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:

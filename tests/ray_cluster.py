@@ -15,12 +15,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from srmri.ports import free_port
 
 __all__ = [
     "ENV",
@@ -46,13 +47,6 @@ ENV = {
 }
 ENV.pop("RAY_ADDRESS", None)
 _END = ("SUCCEEDED", "FAILED", "STOPPED")
-
-
-def free_port() -> int:
-    """A TCP port on loopback that is free right now (helpers' own would import torch)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -16,11 +16,12 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from helpers import free_port, make_shard_set
+from helpers import make_shard_set
 
 from shards.http_stream import HttpSettings
 from shards.loader import create_loader
 from srmri.config import ConfigError
+from srmri.ports import free_port
 from trainer.config import DataConfig
 
 FAST = HttpSettings(connect_timeout=2.0, read_timeout=0.4, retries=2, backoff=0.05)

@@ -24,8 +24,9 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import TINY_SGD_RUN, free_port, make_shard_set
+from helpers import TINY_SGD_RUN, make_shard_set
 
+from srmri.ports import free_port
 from trainer.config import load_train_config
 from trainer.loop import fit
 from trainer.tracking import RUN_RECORD, bounded_http

@@ -20,7 +20,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import free_port, make_shard_set
+from helpers import make_shard_set
+
+from srmri.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug.yaml"
