@@ -20,6 +20,7 @@ from trainer.input_kind import InputKind, needs_sr, path_safe
 
 __all__ = [
     "DATA_IGNORE",
+    "ONE_PROCESS_KINDS",
     "STAGES_FILE",
     "STAGE_KINDS",
     "TRAIN_IGNORE",
@@ -137,8 +138,9 @@ StageKind = Literal["data", "sr", "enhance", "classify", "evaluate", "report"]
 STAGE_KINDS: tuple[StageKind, ...] = get_args(StageKind)
 # How the stages are run: one after another in this process, or as Ray tasks.
 ExecutorKind = Literal["serial", "ray"]
-# Kinds that run in one process whatever the ranks (ingest and the report are rank 0's work).
-_ONE_PROCESS_KINDS = ("data", "report")
+# Kinds that run in one process whatever the ranks (ingest and the report are rank 0's work):
+# an executor gives them one rank, and under torchrun only rank 0 runs them (the others wait).
+ONE_PROCESS_KINDS: tuple[StageKind, ...] = ("data", "report")
 
 
 @dataclass
@@ -201,7 +203,7 @@ class ExecutorConfig:
         require(res.gpus >= 0, f"{key}.gpus", f"must be >= 0, got {res.gpus}")
         require(res.ranks >= 1, f"{key}.ranks", f"must be >= 1, got {res.ranks}")
         require(
-            res.ranks == 1 or kind not in _ONE_PROCESS_KINDS,
+            res.ranks == 1 or kind not in ONE_PROCESS_KINDS,
             f"{key}.ranks",
             f"a {kind} stage runs in one process, got {res.ranks} ranks",
         )

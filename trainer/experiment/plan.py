@@ -80,7 +80,6 @@ def data_stage(cfg: PipelineConfig) -> Stage:
         _stage_fingerprint(config_fingerprint(data_cfg, DATA_IGNORE), {}),
         data_dir(out),
         lambda: ingest(data_cfg),
-        main_only=True,
         always=True,
     )
 
@@ -158,7 +157,6 @@ def _report_stage(
         out / "report.html",
         work,
         report_up,
-        main_only=True,
     )
 
 

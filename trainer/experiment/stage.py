@@ -23,6 +23,7 @@ import torch.distributed as dist
 from srmri.atomic import write_json
 from srmri.distributed import print0
 from trainer.experiment.config import (
+    ONE_PROCESS_KINDS,
     STAGES_FILE,
     StageKind,
     StageRecord,
@@ -49,7 +50,6 @@ class Stage:
             fingerprint changed.
         work: Runs it.
         upstream: Upstream stage name -> fingerprint: the stages that must be done before it.
-        main_only: Whether only rank 0 runs ``work`` (the others wait).
         always: Whether ``work`` runs even when done before under the same fingerprint (the
             data stage: only ingest can tell whether its inputs changed since).
     """
@@ -59,13 +59,17 @@ class Stage:
     output: Path
     work: Callable[[], Any]
     upstream: dict[str, str] = dataclasses.field(default_factory=dict)
-    main_only: bool = False
     always: bool = False
 
     @property
     def kind(self) -> StageKind:
         """What the stage does: the part of its name before ``/``."""
         return self.name.split("/", 1)[0]  # type: ignore[return-value]
+
+    @property
+    def main_only(self) -> bool:
+        """Whether only rank 0 runs ``work`` (the others wait): :data:`ONE_PROCESS_KINDS`."""
+        return self.kind in ONE_PROCESS_KINDS
 
 
 @contextlib.contextmanager
