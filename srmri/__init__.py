@@ -5,6 +5,7 @@
 - :mod:`srmri.torchfile`: the one ``torch.load`` (``weights_only=True``) and state-dict reader.
 - :mod:`srmri.distributed`: process-group set-up from the launcher's environment.
 - :mod:`srmri.exitcodes`: exit statuses that a launcher or scheduler acts on.
+- :mod:`srmri.markdown`: Markdown tables whose cells are escaped (the report, study, model card).
 
 Layers point one way: ``srmri`` <- ``shards`` <- ``trainer`` (engine) <- ``trainer.experiment``
 <- ``tune``, ``launch``. Nothing here imports any of those packages.

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from srmri.atomic import atomic_path, write_json, write_text
+from srmri.markdown import md_table
 from srmri.progress import LineProgress, progress
 from srmri.torchfile import load_state_dict_file, load_torch_file
 
@@ -148,3 +149,12 @@ def test_every_dependency_has_an_exact_version_in_the_lock() -> None:
     assert names - {"torch", "torchvision"} <= pinned, names - pinned
     assert "torch" not in pinned and "deepspeed" not in pinned
     assert "requirements.lock" in (root / "scripts" / "setup.sh").read_text()
+
+
+def test_a_markdown_table_keeps_its_columns_when_a_cell_holds_a_bar() -> None:
+    table = md_table(["arm", "accuracy"], [["lr|sr", "0.9"], ["lr|sr − lr", "+0.1"]])
+    lines = table.splitlines()
+    assert lines[1] == "|---|---|"
+    assert lines[2] == "| lr\\|sr | 0.9 |"
+    # an unescaped | is a column border: three per line, as in the header
+    assert [line.replace("\\|", "").count("|") for line in lines] == [3, 3, 3, 3]

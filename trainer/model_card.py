@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from srmri.markdown import md_cell
 from trainer.checkpoint import CheckpointInfo
 from trainer.input_kind import INPUT_KINDS
 
@@ -145,11 +146,6 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}"
 
 
-def _cell(text: str) -> str:
-    """``text`` safe inside a Markdown table cell (the ``lr|sr`` arm's ``|`` splits cells)."""
-    return str(text).replace("|", "\\|")
-
-
 def _channel_words(images: list[str]) -> str:
     """The input's channels in words: ``one greyscale channel`` or each channel's image."""
     if len(images) == 1:
@@ -169,7 +165,7 @@ def _arms_lines(run_dir: Path, ckpt: CheckpointInfo) -> list[str]:
             f"{_fmt(s.get(m, [None])[0])} ± {_fmt(s.get(m, [0, None])[1])}"
             for m in ("accuracy", "balanced_accuracy", "macro_f1")
         ]
-        lines.append(f"| {_cell(arm)} | {len(r.get('seeds', []))} | " + " | ".join(cells) + " |")
+        lines.append(f"| {md_cell(arm)} | {len(r.get('seeds', []))} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "| comparison | accuracy difference | 95% CI | resampled | Holm p |",
@@ -178,7 +174,7 @@ def _arms_lines(run_dir: Path, ckpt: CheckpointInfo) -> list[str]:
     for c in results.get("comparisons", []):
         holm = ", ".join(f"{p:.3g}" for p in c.get("pvalues_holm", []))
         lines.append(
-            f"| {_cell(c['a'])} − {_cell(c['b'])} | {_fmt(c['diff'])} | [{_fmt(c['ci_low'])}, "
+            f"| {md_cell(c['a'])} − {md_cell(c['b'])} | {_fmt(c['diff'])} | [{_fmt(c['ci_low'])}, "
             f"{_fmt(c['ci_high'])}] | {c.get('resampled', '?')} | {holm} |"
         )
     return lines

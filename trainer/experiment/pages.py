@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from srmri.atomic import write_text
+from srmri.markdown import md_table
 from trainer.experiment.results import SUMMARY, Results
 from trainer.experiment.summary import summary_sentences
 
@@ -182,16 +183,8 @@ def write_html(path: Path, res: Results, figs: dict[str, Path]) -> None:
     write_text(path, "\n".join(parts))
 
 
-def _md_cell(text: str) -> str:
-    """``text`` safe inside a Markdown table cell: the ``lr|sr`` arm's ``|`` would split it."""
-    return text.replace("|", "\\|")
-
-
 def _md_table(rows: Table) -> str:
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(_md_cell(c) for c in cells) + " |"
-
-    return "\n".join([line(rows[0]), "|" + "---|" * len(rows[0]), *map(line, rows[1:])])
+    return md_table(rows[0], rows[1:])
 
 
 def write_md(path: Path, res: Results, figs: dict[str, Path], out: Path) -> None:

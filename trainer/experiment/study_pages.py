@@ -6,17 +6,11 @@ beside them), per-split intervals, McNemar per run, every arm, SR quality per sp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
+from srmri.markdown import md_table
 from trainer.experiment.stats import MixedModelFit
 from trainer.experiment.study_stats import Study
 
 __all__ = ["study_markdown"]
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def _span(low: float | None, high: float | None) -> str:
@@ -44,7 +38,7 @@ def _inputs(study: Study) -> str:
         for s in study.splits
     ]
     header = ["split", "dataset_id", "data fingerprint", "test keys", "report", "test", "groups"]
-    return _table(header, rows)
+    return md_table(header, rows)
 
 
 def _primary(study: Study) -> str:
@@ -59,7 +53,7 @@ def _primary(study: Study) -> str:
         for c in study.comparisons
     ]
     header = ["comparison", "mean diff", "hierarchical 95%", "verdict", "mixed model", "95%", "fit"]
-    return _table(header, rows)
+    return md_table(header, rows)
 
 
 def _mixed_notes(study: Study) -> list[str]:
@@ -83,7 +77,7 @@ def _per_split(study: Study) -> str:
         for c in study.comparisons
         for p in c.per_split
     ]
-    return _table(["comparison", "split", "diff", "95% (test patients)"], rows)
+    return md_table(["comparison", "split", "diff", "95% (test patients)"], rows)
 
 
 def _mcnemar(study: Study) -> str:
@@ -102,7 +96,7 @@ def _mcnemar(study: Study) -> str:
         for r in c.runs
     ]
     header = ["comparison", "split", "seed", "diff", "only a", "only b", "p", "p (Holm)"]
-    return _table(header, rows)
+    return md_table(header, rows)
 
 
 def _arms(study: Study) -> str:
@@ -115,7 +109,7 @@ def _arms(study: Study) -> str:
         ]
         for r in study.arm_table
     ]
-    return _table(["arm", "runs", "accuracy", "balanced accuracy"], rows)
+    return md_table(["arm", "runs", "accuracy", "balanced accuracy"], rows)
 
 
 def _sr(study: Study) -> str:
@@ -127,7 +121,7 @@ def _sr(study: Study) -> str:
         for r in study.sr_table
     ]
     header = ["split", "SR model", "epochs", "PSNR SR", "bicubic", "zero-filled"]
-    return _table([*header, "SSIM SR", "bicubic", "zero-filled"], rows)
+    return md_table([*header, "SSIM SR", "bicubic", "zero-filled"], rows)
 
 
 def study_markdown(study: Study) -> str:
