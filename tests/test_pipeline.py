@@ -190,6 +190,20 @@ def test_stages_marked_by_concurrent_processes_are_all_kept(tmp_path: Path) -> N
     assert records["b/7"].fingerprint == "fp-b-7"
 
 
+def test_a_late_started_mark_keeps_a_stage_done(tmp_path: Path) -> None:
+    from trainer.experiment.stage import Stage, Stages
+
+    stage = Stage("classify/lr-seed0", "fp-1", tmp_path / "runs", lambda: None)
+    first, second = Stages(tmp_path, is_main=True), Stages(tmp_path, is_main=True)
+    first.mark(stage, "started")
+    first.mark(stage, "done")  # the first process finished after the second one read
+    second.mark(stage, "started")
+    assert read_stages(tmp_path)["classify/lr-seed0"].status == "done"
+    other = Stage("classify/lr-seed0", "fp-2", tmp_path / "runs", lambda: None)
+    second.mark(other, "started")  # under another fingerprint it really is unfinished
+    assert read_stages(tmp_path)["classify/lr-seed0"].status == "started"
+
+
 def test_report_refuses_a_moved_test_split(finished: Path) -> None:
     cfg = load_pipeline_config(str(SMOKE), [f"out_dir={finished}"])
     index = read_index(finished / "data")

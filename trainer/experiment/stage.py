@@ -112,7 +112,13 @@ class Stages:
         if not self.is_main:
             return
         with locked(self.out):  # another stage's process may have written since we read
-            self.records = {**read_stages(self.out), stage.name: record}
+            on_disk = read_stages(self.out)
+            theirs = on_disk.get(stage.name)
+            if status == "started" and theirs == dataclasses.replace(record, status="done"):
+                # A second process of the same stage read the record before the first one
+                # finished: its "started" would make finished work look unfinished.
+                record = theirs
+            self.records = {**on_disk, stage.name: record}
             data = {name: dataclasses.asdict(r) for name, r in self.records.items()}
             write_json(self.out / STAGES_FILE, data, indent=1)
 
